@@ -1,0 +1,43 @@
+# The two commands: `make train` (the main job) and `make test` (the whole suite).
+# Both create the virtual environment on first use (torch/torchvision pinned by
+# constraints.txt: those wheels are on this machine's disk) and reuse it after.
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+ARGS    ?=
+
+.PHONY: train test test-fast bench chromium experiment
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]' 2>&1 \
+		| grep -v "^WARNING: Location" || true
+	@$(PY) -c "import torch, diffusers, accelerate, omegaconf" || (echo "environment set-up failed" && exit 1)
+	@touch $(STAMP)
+
+# Main job: the embedded default (synthetic data, tiny model, CPU, ~5 minutes).
+train: $(STAMP)
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no \
+		--dynamo_backend no train.py $(ARGS)
+
+# Headless Chromium renders the HTML report in the browser test (Debian's package).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+# Whole suite, slow end-to-end tests included.
+test: $(STAMP) chromium
+	$(PY) -m pytest -q $(ARGS)
+
+# Without the slow end-to-end tests.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/monitor.py
+	$(PY) bench/step.py
+
+# The stability-loss experiment: baseline vs refined, same seed and steps -> a markdown table.
+experiment: $(STAMP)
+	$(PY) -m train.experiment configs/experiments/baseline.yaml configs/experiments/refined.yaml $(ARGS)

@@ -1,0 +1,158 @@
+"""Typed configuration: one dataclass per component.
+
+OmegaConf turns these into structured configs, so a typo in a YAML file or on
+the command line fails at parse time with the key's name instead of deep inside
+training. Every field has a default: `configs/default.yaml` only states what the
+embedded default run wants to make explicit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class DataConfig:
+    # "synthetic" (embedded, no files), "viton_hd", "dresscode"
+    name: str = "synthetic"
+    root: Optional[str] = None
+    # (H, W) in pixels; try-on images are portrait, so H > W.
+    resolution: List[int] = field(default_factory=lambda: [32, 24])
+    num_train: int = 2048  # synthetic only
+    num_val: int = 16  # size of the fixed validation batch
+    seed: int = 0
+    num_workers: int = 0
+    # synthetic only: garment pattern kinds and their probabilities (None: uniform)
+    patterns: List[str] = field(default_factory=lambda: ["solid", "stripes", "checks", "dots"])
+    pattern_probs: Optional[List[float]] = None
+    # viton_hd / dresscode only (tryon_data.viton_hd, tryon_data.dresscode):
+    category: str = "all"  # dresscode: "all", or one of upper_body, lower_body, dresses
+    use_pose: bool = False  # also load the densepose rendering as sample["pose"]
+    skip_bad: bool = False  # skip (and count) unreadable images instead of stopping
+    flip_prob: float = 0.0  # training only: joint horizontal flip of person, garment and masks
+    color_jitter: float = 0.0  # training only: joint brightness/contrast/saturation jitter (0.05 = mild)
+
+
+@dataclass
+class CodecConfig:
+    # "pixel": exact invertible space-to-depth (no pretrained VAE needed);
+    # "vae": a frozen diffusers AutoencoderKL (pretrained dir, or tiny config).
+    kind: str = "pixel"
+    pixel_factor: int = 2
+    pretrained: Optional[str] = None  # local AutoencoderKL directory
+    scaling_factor: Optional[float] = None  # None: read from the VAE config
+
+
+@dataclass
+class UNetConfig:
+    size: str = "tiny"  # key into models.registry.UNET_SIZES
+    pretrained: Optional[str] = None  # local UNet2DConditionModel directory
+    use_pose: bool = False  # add a pose (densepose) latent to the UNet input
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class GarmentEncoderConfig:
+    # "conv": a small conv tokenizer trained from scratch; "clip": CLIP vision patch tokens.
+    kind: str = "conv"
+    grid: List[int] = field(default_factory=lambda: [8, 6])  # (h_r, w_r) of the token grid
+    width: int = 64  # conv tokenizer channels
+    pretrained: Optional[str] = None  # local CLIPVisionModel directory (kind=clip)
+    clip_size: str = "tiny"  # config used when kind=clip and pretrained is None
+    freeze_backbone: bool = True  # kind=clip: train only the projection
+
+
+@dataclass
+class ModelConfig:
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    garment: GarmentEncoderConfig = field(default_factory=GarmentEncoderConfig)
+    # classifier-free guidance: probability of replacing garment tokens by learned null tokens
+    cfg_drop_prob: float = 0.1
+
+
+@dataclass
+class DiffusionConfig:
+    prediction_type: str = "v_prediction"  # "epsilon" | "v_prediction"
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    snr_gamma: Optional[float] = 5.0  # min-SNR weighting; None disables
+    sample_steps: int = 25  # DDIM steps at validation
+    guidance_scale: float = 1.0  # 1.0 = no classifier-free guidance
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    lr_scheduler: str = "cosine"  # any diffusers.optimization.get_scheduler name
+    warmup_steps: int = 50
+    max_grad_norm: float = 1.0
+    ema_decay: Optional[float] = 0.99  # None disables EMA
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    max_steps: int = 1000
+    batch_size: int = 16  # per process
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
+    seed: int = 0
+    resume: Optional[str] = None  # "latest" or a checkpoint path
+    checkpoint_every: int = 250
+    checkpoint_limit: int = 2
+    log_every: int = 25
+    val_every: int = 250
+    validate_at_start: bool = True  # colour error of the untrained model, for the summary
+    max_time_minutes: Optional[float] = None  # stop (with a checkpoint) after this long
+    nan_tolerance: int = 5  # non-finite losses in a row before the run stops
+
+
+@dataclass
+class TrackerConfig:
+    kind: str = "wandb"  # "wandb" | "tensorboard" | "none"
+    project: str = "i2am-tryon"
+    run_name: Optional[str] = None
+    # wandb: "auto" = online with credentials, else offline; or "online" / "offline"
+    mode: str = "auto"
+
+
+@dataclass
+class MonitorConfig:
+    """The I²AM monitor on the UNet's reference cross-attention layers."""
+
+    enabled: bool = True
+    layers: Optional[List[str]] = None  # processor names; None = every cross-attention layer
+    chunk_size: int = 4096  # queries per no-grad score chunk when recording maps
+    time_groups: int = 5  # time-level groups at validation
+    maps_at_validation: bool = True  # record sampling and log attribution maps
+    patches: int = 3  # specific-reference figures per validation (highest-R2G cells in the mask)
+    samples: int = 4  # validation samples with map figures
+
+
+@dataclass
+class StabilityConfig:
+    """Attention-stability loss terms (weights 0 = off; dispersion is still logged)."""
+
+    dispersion: float = 0.0
+    atv: float = 0.0
+    concentration: float = 0.0
+    concentration_sigma: float = 0.1
+    layers: Optional[List[str]] = None  # names or resolution levels like "16x12"; None = all monitored
+    t_max: Optional[int] = None  # apply only for timesteps t < t_max
+    warmup_steps: int = 0  # no stability loss before this step
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)

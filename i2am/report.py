@@ -1,0 +1,101 @@
+"""From a recording to what a researcher looks at: per-sample IMACS and the
+figures for every map level (used at validation and by the analysis tools)."""
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import render
+from .maps import AttributionMaps
+from .metrics import imacs
+
+
+def mask_to_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A (B, 1, H, W) {0, 1} mask -> (B, h, w) booleans on a map's grid: a cell is
+    inside when at least half of it is (area-average, then >= 0.5)."""
+    return F.interpolate(mask.float(), size=tuple(grid), mode="area")[:, 0] >= 0.5
+
+
+def imacs_per_sample(maps: torch.Tensor, mask: torch.Tensor, penalty: float = 3.0) -> list[float | None]:
+    """IMACS of each map (B, h, w) against its mask (B, 1, H, W) brought to the map's
+    grid; None where the mask is empty or full on that grid (IMACS is undefined there)."""
+    grid_mask = mask_to_grid(mask.to(maps.device), tuple(maps.shape[-2:]))
+    return [float(imacs(m, k, penalty)) if k.any() and (~k).any() else None for m, k in zip(maps, grid_mask)]
+
+
+def top_cells(r2g: torch.Tensor, mask_grid: torch.Tensor, k: int) -> list[tuple[int, int]]:
+    """The k highest-R2G cells inside the mask: the generated patches the garment
+    influenced most, the natural places to ask 'where did this come from?'."""
+    scores = torch.where(mask_grid, r2g, torch.full_like(r2g, -torch.inf)).flatten()
+    k = min(k, int(mask_grid.sum()))
+    idx = torch.topk(scores, k).indices.tolist() if k > 0 else []
+    w = r2g.shape[-1]
+    return [(i // w, i % w) for i in idx]
+
+
+def _mean(values: list[float | None]) -> float:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def short_name(name: str) -> str:
+    """`up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor` -> `up1.0`: readable keys and titles."""
+    m = re.match(r"(down|up)_blocks\.(\d+)\.attentions\.(\d+)", name)
+    if m:
+        return f"{m.group(1)}{m.group(2)}.{m.group(3)}"
+    m = re.match(r"mid_block\.attentions\.(\d+)", name)
+    return f"mid.{m.group(1)}" if m else name.removesuffix(".processor")
+
+
+def attribution_report(maps: AttributionMaps, batch: Mapping[str, torch.Tensor], generated: torch.Tensor,
+                       samples: int = 4, patches: int = 3, time_groups: int = 5
+                       ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """IMACS_g / IMACS_r (means over the batch) and figures keyed for a W&B dashboard.
+
+    `batch` holds "garment", "mask" and "garment_mask" (B, ., H, W); `generated`
+    the sampled images (B, 3, H, W) in [-1, 1].
+    """
+    r2g, g2r = maps.unified("r2g").float().cpu(), maps.unified("g2r").float().cpu()
+    imacs_g = imacs_per_sample(r2g, batch["mask"].cpu())
+    imacs_r = imacs_per_sample(g2r, batch["garment_mask"].cpu())
+    metrics = {"i2am/imacs_g": _mean(imacs_g), "i2am/imacs_r": _mean(imacs_r)}
+
+    n = min(samples, r2g.shape[0])
+    gen, garment = generated[:n].cpu(), batch["garment"][:n].cpu()
+
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    images = {
+        "i2am/r2g": render.map_grid(r2g[:n], list(gen), [f"#{i} IMACS_g {fmt(imacs_g[i])}" for i in range(n)],
+                                    suptitle="R2G: where the garment went (unified)", shared=False),
+        "i2am/g2r": render.map_grid(g2r[:n], list(garment), [f"#{i} IMACS_r {fmt(imacs_r[i])}" for i in range(n)],
+                                    suptitle="G2R: which garment parts were used (unified)", shared=False),
+    }
+    heads = maps.head_level("r2g")[0].float().cpu()
+    images["i2am/head_level"] = render.map_grid(heads, gen[0], [f"head {h}" for h in range(heads.shape[0])],
+                                                suptitle="R2G per head (sample #0)")
+    groups = min(time_groups, maps.num_steps)
+    times = maps.time_level("r2g", groups=groups)[0].float().cpu()
+    images["i2am/time_level"] = render.map_grid(times, gen[0], [f"steps {g + 1}/{groups}" for g in range(groups)],
+                                                suptitle="R2G over time (noisiest first, sample #0)")
+    layers = maps.layer_level("r2g")
+    images["i2am/layer_level"] = render.map_grid(torch.stack([m[0].float().cpu() for m in layers.values()]), gen[0],
+                                                 [short_name(k) for k in layers], suptitle="R2G per layer (sample #0)",
+                                                 shared=False)
+    if patches > 0:
+        grid = tuple(r2g.shape[-2:])
+        cells = top_cells(r2g[0], mask_to_grid(batch["mask"][:1].cpu(), grid)[0], patches)
+        figures = []
+        for y, x in cells:
+            ref = maps.specific_reference((y, x, y + 1, x + 1))[0].float().cpu()
+            figures.append(render.specific_reference_figure(gen[0], garment[0], (y, x, y + 1, x + 1), ref, grid))
+        if figures:
+            width = max(f.shape[1] for f in figures)
+            figures = [np.pad(f, ((0, 0), (0, width - f.shape[1]), (0, 0)), constant_values=255) for f in figures]
+            images["i2am/specific_reference"] = np.concatenate(figures, axis=0)
+    return metrics, images

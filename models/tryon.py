@@ -1,0 +1,105 @@
+"""The try-on latent diffusion model: codec + inpainting UNet + garment encoder.
+
+The UNet sees `cat(noisy latent, agnostic-person latent, inpainting mask[, pose latent])`
+and attends to the garment tokens through its cross-attention layers; those
+layers are what the I²AM monitor watches. The diffusion process (noise
+schedule, targets, sampling) lives outside, in `losses/` and `models/sampling.py`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .codec import LatentCodec, VAECodec
+from .garment import GarmentEncoder
+from .errors import ModelConfigError
+
+
+class TryOnModel(nn.Module):
+    def __init__(self, codec: LatentCodec, unet: nn.Module, garment_encoder: GarmentEncoder, use_pose: bool = False) -> None:
+        super().__init__()
+        self.codec = codec.requires_grad_(False)
+        self.unet = unet
+        self.garment_encoder = garment_encoder
+        self.use_pose = use_pose
+        # Classifier-free guidance: dropped garments are replaced by learned null tokens
+        # (Paint-by-Example learns a null vector the same way).
+        self.null_tokens = nn.Parameter(torch.zeros(1, garment_encoder.num_tokens, garment_encoder.dim))
+
+    # -- what the I²AM monitor needs to lay keys out on the garment ---------------------
+    @property
+    def reference_grid(self) -> tuple[int, int]:
+        return self.garment_encoder.reference_grid
+
+    @property
+    def extra_tokens(self) -> int:
+        return self.garment_encoder.extra_tokens
+
+    @property
+    def latent_channels(self) -> int:
+        return self.codec.latent_channels
+
+    # -- inputs --------------------------------------------------------------------------
+    @torch.no_grad()
+    def condition(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The spatial condition on the latent grid: agnostic latent, mask[, pose latent]."""
+        parts = [self.codec.encode(batch["agnostic"]), self.codec.latent_mask(batch["mask"])]
+        if self.use_pose:
+            if "pose" not in batch:
+                raise KeyError("model.unet.use_pose=true but the dataset gives no 'pose' image")
+            parts.append(self.codec.encode(batch["pose"]))
+        return torch.cat(parts, dim=1)
+
+    def garment_tokens(self, garment: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = self.garment_encoder(garment)
+        if drop is not None and bool(drop.any()):
+            null = self.null_tokens.to(tokens.dtype).expand_as(tokens)
+            tokens = torch.where(drop.view(-1, 1, 1), null, tokens)
+        return tokens
+
+    def null_garment_tokens(self, batch_size: int) -> torch.Tensor:
+        return self.null_tokens.expand(batch_size, -1, -1)
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor,
+                garment: torch.Tensor | None = None, drop: torch.Tensor | None = None,
+                tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict the diffusion target. Pass `garment` (encoded here, so the encoder
+        trains through DDP's forward) or precomputed `tokens` (sampling)."""
+        if tokens is None:
+            if garment is None:
+                raise ValueError("TryOnModel.forward needs `garment` or `tokens`")
+            tokens = self.garment_tokens(garment, drop)
+        x = torch.cat([noisy, condition.to(noisy.dtype)], dim=1)
+        return self.unet(x, timesteps, encoder_hidden_states=tokens).sample
+
+    # -- weights ---------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """diffusers/safetensors layout: unet/, garment_encoder.safetensors[, vae/]."""
+        directory = Path(directory)
+        self.unet.save_pretrained(directory / "unet", safe_serialization=True)
+        garment = {f"garment_encoder.{k}": v.detach().contiguous().cpu() for k, v in self.garment_encoder.state_dict().items()}
+        garment["null_tokens"] = self.null_tokens.detach().contiguous().cpu()
+        save_file(garment, str(directory / "garment_encoder.safetensors"))
+        if isinstance(self.codec, VAECodec):
+            self.codec.vae.save_pretrained(directory / "vae", safe_serialization=True)
+
+    def load_pretrained(self, directory: str | Path) -> None:
+        """Load weights written by `save_pretrained` into this (config-built) model."""
+        directory = Path(directory)
+        unet_file = directory / "unet" / "diffusion_pytorch_model.safetensors"
+        garment_file = directory / "garment_encoder.safetensors"
+        for f in (unet_file, garment_file):
+            if not f.is_file():
+                raise ModelConfigError(f"model weights not found: {f} (expected a directory written by TryOnModel.save_pretrained)")
+        self.unet.load_state_dict(load_file(str(unet_file)), strict=True)
+        garment = load_file(str(garment_file))
+        with torch.no_grad():
+            self.null_tokens.copy_(garment.pop("null_tokens"))
+        self.garment_encoder.load_state_dict({k.split(".", 1)[1]: v for k, v in garment.items()}, strict=True)

@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from configs import load_config
+from models import ModelConfigError, PixelCodec, build_codec, build_model, build_unet, widen_conv_in
+from models.build import load_trained_model
+from models.registry import unet_size
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg():
+    return load_config(overrides=["model.unet.size=test", "model.garment.width=16"])
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_cfg):
+    torch.manual_seed(0)
+    return build_model(tiny_cfg.model).eval()
+
+
+def test_pixel_codec_is_exact_and_invertible():
+    codec = PixelCodec(2)
+    x = torch.rand(3, 3, 32, 24) * 2 - 1
+    z = codec.encode(x)
+    assert z.shape == (3, 12, 16, 12)
+    assert torch.equal(codec.decode(z), x)
+    # space-to-depth: latent channel c*4 + i*2 + j at (y, x) is pixel (2y+i, 2x+j) of channel c
+    assert torch.equal(z[:, 1 * 4 + 1 * 2 + 0], x[:, 1, 1::2, 0::2])
+
+
+def test_latent_mask_marks_any_masked_pixel():
+    codec = PixelCodec(2)
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[0, 0, 1, 2] = 1
+    lm = codec.latent_mask(mask)
+    assert lm.shape == (1, 1, 2, 2) and lm[0, 0, 0, 1] == 1 and lm.sum() == 1
+
+
+def test_vae_codec_shapes():
+    codec = build_codec("vae")  # tiny random AutoencoderKL
+    x = torch.rand(2, 3, 32, 24) * 2 - 1
+    z = codec.encode(x)
+    assert z.shape == (2, 4, 16, 12)
+    assert codec.decode(z).shape == x.shape
+    assert not any(p.requires_grad for p in codec.parameters())
+
+
+def test_model_shapes_and_input_channels(tiny_model):
+    c = tiny_model.latent_channels
+    assert tiny_model.unet.config.in_channels == 2 * c + 1
+    batch = {"agnostic": torch.zeros(2, 3, 32, 24), "mask": torch.ones(2, 1, 32, 24)}
+    cond = tiny_model.condition(batch)
+    assert cond.shape == (2, c + 1, 16, 12)
+    out = tiny_model(torch.randn(2, c, 16, 12), torch.tensor([10, 900]), cond, torch.zeros(2, 3, 32, 24))
+    assert out.shape == (2, c, 16, 12)
+    assert tiny_model.reference_grid == (8, 6) and tiny_model.extra_tokens == 0
+
+
+def test_pose_adds_latent_channels():
+    cfg = load_config(overrides=["model.unet.size=test", "model.unet.use_pose=true"])
+    model = build_model(cfg.model)
+    c = model.latent_channels
+    assert model.unet.config.in_channels == 3 * c + 1
+    batch = {"agnostic": torch.zeros(1, 3, 32, 24), "mask": torch.ones(1, 1, 32, 24), "pose": torch.zeros(1, 3, 32, 24)}
+    assert model.condition(batch).shape[1] == 2 * c + 1
+    with pytest.raises(KeyError, match="pose"):
+        model.condition({"agnostic": batch["agnostic"], "mask": batch["mask"]})
+
+
+def test_dropped_garments_get_null_tokens(tiny_model):
+    with torch.no_grad():
+        tiny_model.null_tokens.normal_()
+    g = torch.rand(3, 3, 32, 24)
+    tokens = tiny_model.garment_tokens(g, drop=torch.tensor([False, True, False]))
+    assert torch.equal(tokens[1], tiny_model.null_tokens[0])
+    assert torch.allclose(tokens[0], tiny_model.garment_encoder(g)[0])
+
+
+def test_clip_garment_encoder_records_cls_and_grid():
+    cfg = load_config(overrides=["model.unet.size=test", "model.garment.kind=clip"])
+    model = build_model(cfg.model)
+    assert model.extra_tokens == 1 and model.reference_grid == (8, 8)
+    tokens = model.garment_tokens(torch.zeros(2, 3, 32, 24))
+    assert tokens.shape == (2, 1 + 64, model.unet.config.cross_attention_dim)
+
+
+def test_widen_conv_in_keeps_function():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **unet_size("test"))
+    x, t, ctx = torch.randn(1, 4, 16, 12), torch.tensor([5]), torch.randn(1, 3, 32)
+    before = unet(x, t, encoder_hidden_states=ctx).sample
+    widen_conv_in(unet, 9)
+    assert unet.config.in_channels == 9 and unet.conv_in.weight.shape[1] == 9
+    assert torch.count_nonzero(unet.conv_in.weight[:, 4:]) == 0
+    after = unet(torch.cat([x, torch.randn(1, 5, 16, 12)], 1), t, encoder_hidden_states=ctx).sample
+    assert torch.allclose(before, after, atol=1e-6)
+
+
+def test_pretrained_unet_loads_from_local_dir_and_widens(tmp_path, tiny_cfg):
+    """A user's real weights go through the same config key: model.unet.pretrained."""
+    torch.manual_seed(1)
+    saved = UNet2DConditionModel(in_channels=12, out_channels=12, **unet_size("test"))
+    saved.save_pretrained(tmp_path / "unet")
+    cfg = load_config(overrides=["model.unet.size=test", "model.garment.width=16",
+                                 f"model.unet.pretrained={tmp_path / 'unet'}"])
+    model = build_model(cfg.model)
+    assert model.unet.config.in_channels == 25
+    assert torch.equal(model.unet.conv_in.weight[:, :12], saved.conv_in.weight)
+    assert torch.count_nonzero(model.unet.conv_in.weight[:, 12:]) == 0
+    assert torch.equal(model.unet.mid_block.resnets[0].conv1.weight, saved.mid_block.resnets[0].conv1.weight)
+
+
+def test_missing_pretrained_dir_is_a_clear_error(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ModelConfigError) as err:
+        build_unet("test", 25, 12, pretrained=str(missing))
+    msg = str(err.value)
+    assert str(missing / "config.json") in msg and "model.unet.pretrained" in msg and "save_pretrained" in msg
+
+
+def test_pretrained_unet_contradicting_config_fails_before_loading(tmp_path):
+    UNet2DConditionModel(in_channels=9, out_channels=4, **unet_size("test")).save_pretrained(tmp_path / "sd")
+    with pytest.raises(ModelConfigError, match=r"out_channels=4 but the codec's latents have 12"):
+        build_unet("test", 25, 12, pretrained=str(tmp_path / "sd"))
+
+
+def test_save_and_load_trained_model_roundtrip(tmp_path, tiny_cfg, tiny_model):
+    tiny_model.save_pretrained(tmp_path / "model")
+    assert (tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    torch.manual_seed(123)  # a differently initialised model
+    loaded = load_trained_model(tiny_cfg.model, tmp_path / "model")
+    for (name, a), (_, b) in zip(tiny_model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_missing_weights_dir_is_a_clear_error(tmp_path, tiny_cfg):
+    with pytest.raises(ModelConfigError, match="garment_encoder.safetensors|diffusion_pytorch_model.safetensors"):
+        load_trained_model(tiny_cfg.model, tmp_path)

@@ -1,0 +1,114 @@
+"""The loop itself: learning, exact resume, checkpoint layout, the real launcher."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from configs import load_config
+from tests.conftest import tiny_overrides
+from train import Trainer
+from train.checkpoint import list_checkpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fixed_batch_loss(trainer: Trainer) -> float:
+    """Diffusion loss on a fixed batch with fixed noise: comparable across training."""
+    model = trainer.unwrapped
+    batch = torch.utils.data.default_collate([trainer.train_set[i] for i in range(16)])
+    with torch.no_grad():
+        latents = model.codec.encode(batch["person"])
+        cond = model.condition(batch)
+        gen = torch.Generator().manual_seed(1234)
+        loss, _ = trainer.diffusion_loss(lambda x, t: model(x, t, cond, batch["garment"]), latents, gen)
+    return float(loss)
+
+
+@pytest.mark.slow
+def test_short_training_lowers_the_loss(tmp_path):
+    cfg = load_config(overrides=tiny_overrides(tmp_path, **{"train.max_steps": 50, "optim.lr": 2e-3,
+                                                            "train.batch_size": 8, "optim.lr_scheduler": "constant"}))
+    trainer = Trainer(cfg)
+    before = _fixed_batch_loss(trainer)
+    trainer.fit()
+    after = _fixed_batch_loss(trainer)
+    assert after < 0.8 * before, (before, after)
+    assert len(trainer.history) == 50 and all("loss/diffusion" in h for h in trainer.history)
+
+
+def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.unwrapped.state_dict().items()}
+
+
+def test_resume_continues_exactly(tmp_path):
+    """6 uninterrupted steps == 3 steps, checkpoint, new process state, 3 more steps."""
+    common = {"train.max_steps": 6, "train.checkpoint_every": 3, "train.grad_accum": 2}
+    full = Trainer(load_config(overrides=tiny_overrides(tmp_path / "a", **common)))
+    full.fit()
+
+    part = Trainer(load_config(overrides=tiny_overrides(tmp_path / "b", **common)))
+    part.fit(stop_at=3)  # as if killed right after the step-3 checkpoint
+    ckpt = list_checkpoints(tmp_path / "b" / "run")[-1]
+    assert ckpt.name == "checkpoint-0000003"
+    torch.manual_seed(999)  # a resumed process must not depend on leftover global RNG state
+    resumed = Trainer(load_config(overrides=tiny_overrides(tmp_path / "b", **common, **{"train.resume": "latest"})))
+    resumed.fit()
+
+    assert resumed.history[0]["step"] == 4
+    losses_full = {h["step"]: h["loss/diffusion"] for h in full.history}
+    for h in resumed.history:
+        assert h["loss/diffusion"] == pytest.approx(losses_full[h["step"]], rel=1e-5, abs=1e-7), h["step"]
+    a, b = _params(full), _params(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    for x, y in zip(full.ema.shadow_params, resumed.ema.shadow_params):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_layout_and_limit(tmp_path):
+    cfg = load_config(overrides=tiny_overrides(tmp_path, **{"train.max_steps": 4, "train.checkpoint_every": 1,
+                                                            "train.checkpoint_limit": 2}))
+    Trainer(cfg).fit()
+    run = tmp_path / "run"
+    ckpts = list_checkpoints(run)
+    assert [c.name for c in ckpts] == ["checkpoint-0000003", "checkpoint-0000004"]
+    last = ckpts[-1]
+    assert (last / "config.yaml").is_file() and (last / "model" / "unet" / "config.json").is_file()
+    assert (last / "model" / "garment_encoder.safetensors").is_file()
+    assert json.loads((last / "train_state.json").read_text())["step"] == 4
+    assert not list((run / "checkpoints").glob("*.tmp"))
+    # The saved resolved config rebuilds the same run.
+    assert load_config(files=[last / "config.yaml"]).train.max_steps == 4
+
+
+def test_summary_reports_colour_errors(tmp_path):
+    cfg = load_config(overrides=tiny_overrides(tmp_path, **{"train.max_steps": 2, "train.validate_at_start": True}))
+    summary = Trainer(cfg).fit()
+    assert summary["steps"] == 2
+    for key in ("colour_error_untrained", "colour_error_final", "colour_error_garment_blind"):
+        assert 0 < summary[key] < 1, key
+    assert (tmp_path / "run" / "summary.json").is_file()
+    assert list((tmp_path / "run" / "images").glob("val_samples_*.png"))
+
+
+@pytest.mark.slow
+def test_two_steps_through_accelerate_launch(tmp_path):
+    """The README's main command, for 2 steps: a checkpoint and a W&B offline run."""
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    env.pop("WANDB_API_KEY", None)
+    args = tiny_overrides(tmp_path, **{"train.max_steps": 2, "train.checkpoint_every": 2, "tracker.kind": "wandb"})
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "checkpoint-0000002" / "model" / "unet" / "config.json").is_file()
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+    assert "wandb sync" in proc.stdout + proc.stderr

@@ -1,0 +1,4 @@
+"""The training loop (Accelerate) and its parts: data stream, checkpoints, tracking, validation."""
+from .trainer import Trainer
+
+__all__ = ["Trainer"]

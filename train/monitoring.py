@@ -1,0 +1,69 @@
+"""The I²AM monitor as the trainer sees it: four calls and a state_dict.
+
+- `step_loss(latent_mask, timesteps, step)` after each forward: the stability
+  loss and per-layer dispersion from the monitor's last forward pass;
+- `recording(num_steps, doubled_batch)`: a context in which sampling is recorded;
+- `report(batch, generated)`: IMACS and figures for the recorded sampling;
+- `state_dict()` / `load_state_dict()`: checkpointed with the run.
+
+The monitor never sees the trainer; the trainer never sees processors or maps.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Mapping
+
+import numpy as np
+import torch
+
+from configs.schema import MonitorConfig, StabilityConfig
+from i2am import AttentionMonitor
+from i2am.report import attribution_report
+from losses.stability import StabilityLoss, StabilityTerms
+
+
+class MonitorHooks:
+    def __init__(self, model, monitor_cfg: MonitorConfig, stability_cfg: StabilityConfig) -> None:
+        self.cfg = monitor_cfg
+        # keep_last: the q/k of the last forward (which autograd holds for backward anyway)
+        # feed the fused dispersion; maps are only recorded inside `recording()`.
+        self.monitor = AttentionMonitor(model.unet, reference_grid=model.reference_grid,
+                                        extra_tokens=model.extra_tokens, layers=monitor_cfg.layers,
+                                        chunk_size=monitor_cfg.chunk_size, keep_last=True, record=False)
+        s = stability_cfg
+        self.loss = StabilityLoss(StabilityTerms(s.dispersion, s.atv, s.concentration, s.concentration_sigma),
+                                  layers=s.layers, t_max=s.t_max, warmup_steps=s.warmup_steps,
+                                  monitored=self.monitor.layers)
+        self.steps_observed = 0
+
+    def step_loss(self, latent_mask: torch.Tensor | None, timesteps: torch.Tensor | None,
+                  step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, metrics = self.loss(self.monitor.last_attention(), latent_mask, timesteps, step)
+        self.steps_observed += 1
+        return loss, metrics
+
+    @contextlib.contextmanager
+    def recording(self, num_steps: int, doubled_batch: bool) -> Iterator[None]:
+        """Record the maps of one sampling run (the conditional half under guidance)."""
+        self.monitor.batch_slice = (lambda b: slice(b // 2, None)) if doubled_batch else None
+        self.monitor.reset(num_steps=num_steps, time_groups=min(self.cfg.time_groups, num_steps))
+        self.monitor.record = True
+        try:
+            yield
+        finally:
+            self.monitor.record = False
+            self.monitor.batch_slice = None
+
+    def report(self, batch: Mapping[str, torch.Tensor], generated: torch.Tensor
+               ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        return attribution_report(self.monitor.maps(), batch, generated, samples=self.cfg.samples,
+                                  patches=self.cfg.patches, time_groups=self.cfg.time_groups)
+
+    def state_dict(self) -> dict:
+        return {"steps_observed": self.steps_observed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_observed = int(state.get("steps_observed", 0))
+
+    def close(self) -> None:
+        self.monitor.close()

@@ -1,0 +1,199 @@
+"""Generate a test set from a trained checkpoint, resumably, recording I²AM maps.
+
+Per mode the output folder holds ``images/<name>.png`` and ``samples.json``: the settings
+the images were made with, and per sample what needs the attribution maps (IMACS_g,
+IMACS_r, the R2G box and its IoUs) or the tensors (colour error). A sample counts as done
+when both its PNG and its entry exist, so a rerun only generates what is missing and never
+needs the maps of earlier runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, default_collate
+
+from configs.schema import Config
+
+
+class EvalError(ValueError):
+    """An evaluation that can't run as asked; the message says what to change."""
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory (config.yaml + model/), or a run directory (its latest checkpoint)."""
+    from train.checkpoint import list_checkpoints
+
+    p = Path(path).expanduser()
+    if (p / "config.yaml").is_file() and (p / "model").is_dir():
+        return p
+    if (p / "checkpoints").is_dir():
+        found = [c for c in list_checkpoints(p) if (c / "model").is_dir()]
+        if not found:
+            raise EvalError(f"run directory {p} has no complete checkpoint under {p / 'checkpoints'}")
+        return found[-1]
+    raise EvalError(f"{p} is neither a checkpoint (config.yaml + model/) nor a run directory (checkpoints/)")
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    cfg: Config
+    model: Any  # models.TryOnModel, holding the EMA weights saved with the checkpoint
+    step: int | None
+
+
+def load_checkpoint(path: str | Path, overrides: Sequence[str] = (), device: torch.device | str = "cpu"
+                    ) -> LoadedCheckpoint:
+    """Rebuild the model from the checkpoint's saved config and load its ``model/`` weights.
+    ``overrides`` (dotted key=value) fix what moved since training, e.g. data.root."""
+    from configs.loader import load_config
+    from models.build import load_trained_model
+
+    ckpt = resolve_checkpoint(path)
+    cfg = load_config(files=[ckpt / "config.yaml"], overrides=list(overrides))
+    model = load_trained_model(cfg.model, ckpt / "model").to(device).eval()
+    state = ckpt / "train_state.json"
+    step = json.loads(state.read_text()).get("step") if state.is_file() else None
+    return LoadedCheckpoint(ckpt, cfg, model, step)
+
+
+def build_eval_dataset(cfg: Config, split: str, mode: str, limit: int | None, num_synthetic: int) -> Dataset:
+    """The test set of the checkpoint's data config; the synthetic set has no fixed size, so
+    it gets ``num_synthetic`` samples (its samples depend only on their index)."""
+    from train.data import build_dataset
+
+    if cfg.data.name == "synthetic":
+        n = num_synthetic if limit is None else min(limit, num_synthetic)
+        return build_dataset(cfg.data, split, mode, num_samples=n)
+    return build_dataset(cfg.data, split, mode, num_samples=limit)
+
+
+def sample_name(dataset: Dataset, index: int) -> str:
+    if hasattr(dataset, "sample_name"):
+        return dataset.sample_name(index)  # real data: no file read
+    return dataset[index]["name"]
+
+
+# ----------------------------------------------------------------------------------- files
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> uint8 (H, W, 3)."""
+    return ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp.png")
+    Image.fromarray(to_uint8(image)).save(tmp)
+    os.replace(tmp, path)  # a killed run never leaves a half-written PNG that looks done
+
+
+def write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def load_sidecar(path: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    if data.get("settings") != settings:
+        raise EvalError(
+            f"{path.parent} holds outputs made with other settings:\n  there: {data.get('settings')}\n"
+            f"  now:   {settings}\nUse another --out, or delete that folder to regenerate.")
+    return data.get("samples", {})
+
+
+def write_reference(dataset: Dataset, folder: Path, progress: bool = False) -> list[Path]:
+    """The test persons as PNGs at the configured resolution (FID/KID reference and paired
+    ground truth), written once: existing files are kept."""
+    from tqdm.auto import tqdm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in tqdm(range(len(dataset)), desc="reference images", disable=not progress, leave=False):
+        path = folder / f"{sample_name(dataset, i)}.png"
+        if not path.is_file():
+            sample = dataset[i]
+            save_png(sample["person"], folder / f"{sample['name']}.png")
+        paths.append(path)
+    return paths
+
+
+# ------------------------------------------------------------------------------ generation
+@torch.no_grad()
+def generate(model: Any, dataset: Dataset, out: Path, *, steps: int, guidance_scale: float, batch_size: int,
+             seed: int, device: torch.device, settings: dict[str, Any], paired: bool,
+             progress: bool = False) -> dict[str, Any]:
+    """Generate the samples of ``dataset`` missing from ``out``; returns
+    {"names": all names, "samples": per-sample stats, "generated": how many were made now}."""
+    from tqdm.auto import tqdm
+
+    from i2am import AttentionMonitor
+    from losses import build_train_scheduler
+    from models.sampling import build_sample_scheduler, sample_tryon
+    from tryon_data.samples import colour_error, pixel_error
+
+    from .boxes import score_boxes
+    from .metrics import imacs_per_sample
+
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    sidecar_path = out / "samples.json"
+    stats = load_sidecar(sidecar_path, settings)
+    names = [sample_name(dataset, i) for i in range(len(dataset))]
+    todo = [i for i, n in enumerate(names) if not ((images / f"{n}.png").is_file() and n in stats)]
+    if todo:
+        d = settings["diffusion"]
+        scheduler = build_sample_scheduler(build_train_scheduler(d["num_train_timesteps"], d["beta_schedule"],
+                                                                 d["prediction_type"]))
+        cfg_half = (lambda b: slice(b // 2, None)) if guidance_scale != 1.0 else None  # record the conditional half
+        monitor = AttentionMonitor(model.unet, reference_grid=model.reference_grid, extra_tokens=model.extra_tokens,
+                                   num_steps=steps, pair_layers=False, batch_slice=cfg_half)
+        try:
+            chunks = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
+            for chunk in tqdm(chunks, desc=f"generate {out.name}", disable=not progress):
+                samples = [dataset[i] for i in chunk]
+                batch = default_collate(samples)
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                monitor.reset()
+                gen = torch.Generator(device).manual_seed(seed * 1_000_003 + chunk[0])
+                result = sample_tryon(model, batch, scheduler, steps, guidance_scale, generator=gen)
+                maps = monitor.maps()
+                r2g, g2r = maps.unified("r2g").float().cpu(), maps.unified("g2r").float().cpu()
+                imacs_g = imacs_per_sample(r2g, batch["mask"].cpu())
+                imacs_r = imacs_per_sample(g2r, batch["garment_mask"].cpu())
+                target = _targets(dataset, chunk, batch, paired)
+                cerr = (colour_error(result.cpu(), target, batch["mask"].cpu()).tolist() if target is not None
+                        else [None] * len(chunk))
+                perr = (pixel_error(result.cpu(), target, batch["mask"].cpu()).tolist() if target is not None
+                        else [None] * len(chunk))
+                boxes = score_boxes(list(r2g), batch["box"].cpu().tolist(), result.shape[-2:], seed=seed,
+                                    offset=chunk[0])
+                for k, s in enumerate(samples):
+                    save_png(result[k], images / f"{s['name']}.png")
+                    stats[s["name"]] = {"imacs_g": imacs_g[k], "imacs_r": imacs_r[k], "colour_error": cerr[k], "pixel_error": perr[k],
+                                        **{key: boxes[k][key] for key in ("box", "iou", "iou_random", "iou_whole")}}
+                write_json({"settings": settings, "samples": stats}, sidecar_path)
+        finally:
+            monitor.close()
+    return {"names": names, "samples": stats, "generated": len(todo)}
+
+
+def _targets(dataset: Dataset, chunk: list[int], batch: dict[str, Any], paired: bool) -> torch.Tensor | None:
+    """What the generated images should equal inside the mask: the person in paired mode;
+    in unpaired mode only synthetic data knows it (``tryon_target``)."""
+    if paired:
+        return batch["person"].cpu()
+    if hasattr(dataset, "tryon_target"):
+        return torch.stack([dataset.tryon_target(i) for i in chunk])
+    return None
