@@ -54,7 +54,8 @@ def worker(size: str, device: str, steps: int, repeats: int) -> dict:
     from diffusers import UNet2DConditionModel
 
     from i2am import AttentionMonitor
-    from losses.stability import StabilityLoss, StabilityTerms
+    from configs.schema import StabilityConfig
+    from losses.stability import StabilityLoss
     from models.registry import unet_size
 
     spec = SIZES[size]
@@ -87,7 +88,7 @@ def worker(size: str, device: str, steps: int, repeats: int) -> dict:
         if mode == "plain":
             return None, None
         monitor = AttentionMonitor(unet, spec["grid"], keep_last=True, record=False)
-        return monitor, StabilityLoss(StabilityTerms(dispersion=1.0), explicit=mode == "naive")
+        return monitor, StabilityLoss(StabilityConfig(dispersion=1.0), explicit=mode == "naive")
 
     def sync() -> None:
         if cuda:

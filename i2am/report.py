@@ -99,3 +99,34 @@ def attribution_report(maps: AttributionMaps, batch: Mapping[str, torch.Tensor],
             figures = [np.pad(f, ((0, 0), (0, width - f.shape[1]), (0, 0)), constant_values=255) for f in figures]
             images["i2am/specific_reference"] = np.concatenate(figures, axis=0)
     return metrics, images
+
+
+def sample_rows(maps: AttributionMaps, batch: Mapping[str, torch.Tensor], generated: torch.Tensor,
+                colour_errors: list[float] | None = None) -> list[dict]:
+    """One row per sample for a sortable table (W&B): person, garment, generated, R2G and G2R
+    overlays, the specific-reference figure of its highest-R2G cell, IMACS_g/r, colour error."""
+    r2g, g2r = maps.unified("r2g").float().cpu(), maps.unified("g2r").float().cpu()
+    imacs_g = imacs_per_sample(r2g, batch["mask"].cpu())
+    imacs_r = imacs_per_sample(g2r, batch["garment_mask"].cpu())
+    grid = tuple(r2g.shape[-2:])
+    masks = mask_to_grid(batch["mask"].cpu(), grid)
+    rows = []
+    for i in range(r2g.shape[0]):
+        gen, garment = generated[i].cpu(), batch["garment"][i].cpu()
+        cells = top_cells(r2g[i], masks[i], 1)
+        spec = None
+        if cells:
+            y, x = cells[0]
+            ref = maps.specific_reference((y, x, y + 1, x + 1))[i].float().cpu()
+            spec = render.specific_reference_figure(gen, garment, (y, x, y + 1, x + 1), ref, grid)
+        rows.append({
+            "person": render.image_to_uint8(batch["person"][i].cpu()),
+            "garment": render.image_to_uint8(garment),
+            "generated": render.image_to_uint8(gen),
+            "r2g": render.overlay(r2g[i], gen),
+            "g2r": render.overlay(g2r[i], garment),
+            "specific_reference": spec,
+            "imacs_g": imacs_g[i], "imacs_r": imacs_r[i],
+            "colour_error": colour_errors[i] if colour_errors is not None else None,
+        })
+    return rows

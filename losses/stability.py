@@ -16,10 +16,11 @@ metrics, also with every weight at 0, so a user can watch before regularising.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Mapping
 
 import torch
+
+from configs.schema import StabilityConfig
 
 from i2am.report import short_name
 from i2am.dispersion import (atv, attention_moments, attention_moments_explicit, concentration, masked_mean,
@@ -29,26 +30,19 @@ Metrics = dict[str, torch.Tensor]
 _LEVEL = re.compile(r"^(\d+)x(\d+)$")
 
 
-@dataclass
-class StabilityTerms:
-    dispersion: float = 0.0
-    atv: float = 0.0
-    concentration: float = 0.0
-    concentration_sigma: float = 0.1
-
-
 class StabilityLoss:
     """`loss(last_attention, latent_mask, timesteps, step) -> (loss, metrics)`.
 
+    Weights, layers, window and warm-up come from `StabilityConfig`.
     `layers`: None (every monitored layer), processor names, or resolution
     levels such as "16x12" (query grid h×w), resolved at the first call.
     `t_max`: apply only to samples with t < t_max (Leffa applies its loss at
     low noise only); `warmup_steps`: weights are 0 before this optimizer step.
     """
 
-    def __init__(self, terms: StabilityTerms, layers: list[str] | None = None, t_max: int | None = None,
-                 warmup_steps: int = 0, monitored: list[str] | None = None, explicit: bool = False) -> None:
-        self.terms, self.t_max, self.warmup_steps = terms, t_max, warmup_steps
+    def __init__(self, cfg: StabilityConfig, monitored: list[str] | None = None, explicit: bool = False) -> None:
+        self.terms, self.t_max, self.warmup_steps = cfg, cfg.t_max, cfg.warmup_steps
+        layers = cfg.layers
         # explicit=True builds the probability matrix (and keeps it for backward), as peers do:
         # the naive baseline of bench/step.py.
         self.moments = attention_moments_explicit if explicit else attention_moments

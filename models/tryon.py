@@ -56,7 +56,9 @@ class TryOnModel(nn.Module):
 
     def garment_tokens(self, garment: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         tokens = self.garment_encoder(garment)
-        if drop is not None and bool(drop.any()):
+        if drop is not None:
+            # Always through torch.where, even when nothing is dropped: the null tokens then
+            # take part in every backward, which DDP needs to reduce the same buckets on every rank.
             null = self.null_tokens.to(tokens.dtype).expand_as(tokens)
             tokens = torch.where(drop.view(-1, 1, 1), null, tokens)
         return tokens

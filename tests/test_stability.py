@@ -6,7 +6,8 @@ import torch
 
 from i2am.dispersion import (atv, attention_moments, attention_moments_explicit, cell_centres, concentration,
                              masked_mean, query_mask)
-from losses.stability import StabilityLoss, StabilityTerms
+from configs.schema import StabilityConfig
+from losses.stability import StabilityLoss
 
 
 def _qk(b=2, heads=3, grid=(4, 3), ref=(5, 4), extra=1, d=8, seed=0):
@@ -120,39 +121,39 @@ def _stats():
 
 
 def test_loss_logs_dispersion_with_zero_weight_and_has_no_gradient_path():
-    loss, metrics = StabilityLoss(StabilityTerms())(_stats(), None)
+    loss, metrics = StabilityLoss(StabilityConfig())(_stats(), None)
     assert float(loss) == 0 and not loss.requires_grad
     assert {"i2am/dispersion/down0.0", "i2am/dispersion/up1.0", "i2am/dispersion/mean"} <= set(metrics)
 
 
 def test_layer_selection_by_name_and_resolution_level():
     stats = _stats()
-    by_level = StabilityLoss(StabilityTerms(dispersion=1.0), layers=["2x2"])
+    by_level = StabilityLoss(StabilityConfig(dispersion=1.0, layers=["2x2"]))
     loss, metrics = by_level(stats, None)
-    assert float(loss) == pytest.approx(float(metrics["i2am/dispersion/up1.0"]), rel=1e-6)
-    both = StabilityLoss(StabilityTerms(dispersion=1.0))
+    assert float(loss.detach()) == pytest.approx(float(metrics["i2am/dispersion/up1.0"]), rel=1e-6)
+    both = StabilityLoss(StabilityConfig(dispersion=1.0))
     loss_all, m = both(stats, None)
     expected = (m["i2am/dispersion/up1.0"] + m["i2am/dispersion/down0.0"]) / 2
-    assert float(loss_all) == pytest.approx(float(expected), rel=1e-6)
+    assert float(loss_all.detach()) == pytest.approx(float(expected), rel=1e-6)
     with pytest.raises(ValueError, match="matched no layer.*4x3"):
-        StabilityLoss(StabilityTerms(dispersion=1.0), layers=["8x8"])(stats, None)
+        StabilityLoss(StabilityConfig(dispersion=1.0, layers=["8x8"]))(stats, None)
 
 
 def test_unknown_or_self_attention_layer_is_a_config_error():
     monitored = list(_stats())
     with pytest.raises(ValueError, match="attn1"):
-        StabilityLoss(StabilityTerms(dispersion=1.0), layers=["down_blocks.0.attentions.0.transformer_blocks.0.attn1"],
+        StabilityLoss(StabilityConfig(dispersion=1.0, layers=["down_blocks.0.attentions.0.transformer_blocks.0.attn1"]),
                       monitored=monitored)
 
 
 def test_timestep_window_and_warmup():
     stats = _stats()
-    loss_fn = StabilityLoss(StabilityTerms(dispersion=1.0), t_max=500, warmup_steps=10)
+    loss_fn = StabilityLoss(StabilityConfig(dispersion=1.0, t_max=500, warmup_steps=10))
     early, _ = loss_fn(stats, None, torch.tensor([100, 900]), step=5)
     assert float(early) == 0  # warm-up
     late, m = loss_fn(stats, None, torch.tensor([100, 900]), step=10)
     # only sample 0 (t=100 < 500) counts
-    only0 = StabilityLoss(StabilityTerms(dispersion=1.0))(
+    only0 = StabilityLoss(StabilityConfig(dispersion=1.0))(
         {n: _Last(s.query[:1], s.key[:1], s.grid) for n, s in stats.items()}, None)[0]
     assert float(late) == pytest.approx(float(only0), rel=1e-5)
 
@@ -163,4 +164,4 @@ def test_nan_in_statistic_names_the_layer():
     stats[name].query = stats[name].query.detach().clone()
     stats[name].query[0, 0, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="down_blocks.0.attentions.0"):
-        StabilityLoss(StabilityTerms(dispersion=1.0))(stats, None)
+        StabilityLoss(StabilityConfig(dispersion=1.0))(stats, None)

@@ -111,4 +111,8 @@ def test_two_steps_through_accelerate_launch(tmp_path):
     assert (run / "checkpoints" / "checkpoint-0000002" / "model" / "unet" / "config.json").is_file()
     offline = list((run / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+    # The validation's per-sample table (sortable in W&B) and the map figures were logged.
+    tables = list(offline[0].glob("files/media/table/**/*.table.json"))
+    assert tables and "imacs_g" in tables[0].read_text()
+    assert list(offline[0].glob("files/media/images/i2am/r2g*.png"))
     assert "wandb sync" in proc.stdout + proc.stderr

@@ -210,11 +210,14 @@ def test_corrupt_jpeg_is_named_or_skipped(tmp_path, caplog):
     assert lenient[1]["name"] == "00012_00" and lenient[2]["name"] == "00013_00"
 
 
+WEIGHTS = ["model.codec.pretrained=/m", "model.unet.pretrained=/m", "model.garment.pretrained=/c"]
+
+
 def test_build_dataset_dispatches_real_data(viton_root, dress_root):
     from train.data import build_dataset
 
     cfg = load_config(files=[ROOT / "configs" / "viton_hd.yaml"],
-                      overrides=[f"data.root={viton_root}", "data.resolution=[32,24]"])
+                      overrides=[f"data.root={viton_root}", "data.resolution=[32,24]", *WEIGHTS])
     assert cfg.data.flip_prob == 0.5 and cfg.data.color_jitter == 0.05
     train = build_dataset(cfg.data, "train")
     val = build_dataset(cfg.data, "val")
@@ -223,7 +226,7 @@ def test_build_dataset_dispatches_real_data(viton_root, dress_root):
     assert (val.split, val.mode, len(val), val.augment) == ("test", "paired", 3, None)  # num_val 8 > 3 pairs
     assert len(test) == 2 and test.mode == "unpaired"
     dcfg = load_config(files=[ROOT / "configs" / "dresscode.yaml"],
-                       overrides=[f"data.root={dress_root}", "data.category=dresses"])
+                       overrides=[f"data.root={dress_root}", "data.category=dresses", *WEIGHTS])
     dtest = build_dataset(dcfg.data, "test", "unpaired")
     assert isinstance(dtest, DressCode) and len(dtest) == 2 and dcfg.data.resolution == [512, 384]
     with pytest.raises(ConfigError, match="data.root"):

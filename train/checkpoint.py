@@ -53,8 +53,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit: i
     tmp = root / (final.name + ".tmp")
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # left by a crash during an earlier save
-            shutil.rmtree(tmp)
+        for stale in root.glob("*.tmp"):  # left by a crash during an earlier save
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:

@@ -18,8 +18,8 @@ import torch
 
 from configs.schema import MonitorConfig, StabilityConfig
 from i2am import AttentionMonitor
-from i2am.report import attribution_report
-from losses.stability import StabilityLoss, StabilityTerms
+from i2am.report import attribution_report, sample_rows
+from losses.stability import StabilityLoss
 
 
 class MonitorHooks:
@@ -30,10 +30,7 @@ class MonitorHooks:
         self.monitor = AttentionMonitor(model.unet, reference_grid=model.reference_grid,
                                         extra_tokens=model.extra_tokens, layers=monitor_cfg.layers,
                                         chunk_size=monitor_cfg.chunk_size, keep_last=True, record=False)
-        s = stability_cfg
-        self.loss = StabilityLoss(StabilityTerms(s.dispersion, s.atv, s.concentration, s.concentration_sigma),
-                                  layers=s.layers, t_max=s.t_max, warmup_steps=s.warmup_steps,
-                                  monitored=self.monitor.layers)
+        self.loss = StabilityLoss(stability_cfg, monitored=self.monitor.layers)
         self.steps_observed = 0
 
     def step_loss(self, latent_mask: torch.Tensor | None, timesteps: torch.Tensor | None,
@@ -58,6 +55,10 @@ class MonitorHooks:
                ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         return attribution_report(self.monitor.maps(), batch, generated, samples=self.cfg.samples,
                                   patches=self.cfg.patches, time_groups=self.cfg.time_groups)
+
+    def table(self, batch: Mapping[str, torch.Tensor], generated: torch.Tensor,
+              colour_errors: list[float]) -> list[dict]:
+        return sample_rows(self.monitor.maps(), batch, generated, colour_errors)
 
     def state_dict(self) -> dict:
         return {"steps_observed": self.steps_observed}

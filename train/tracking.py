@@ -33,7 +33,7 @@ def prepare_tracker_env(cfg: TrackerConfig, run_dir: Path) -> str | None:
     if cfg.kind == "none":
         return None
     if cfg.kind == "wandb":
-        if "WANDB_MODE" not in os.environ:  # an explicit environment wins
+        if not os.environ.get("WANDB_MODE"):  # an explicit environment wins
             online = cfg.mode == "online" or (cfg.mode == "auto" and wandb_has_credentials())
             os.environ["WANDB_MODE"] = "online" if online else "offline"
         os.environ.setdefault("WANDB_DIR", str(run_dir))
@@ -87,3 +87,18 @@ def log_images(accelerator: Accelerator, images: Mapping[str, np.ndarray], step:
         elif tracker.name == "tensorboard":
             for k, v in images.items():
                 tracker.writer.add_image(k, v, step, dataformats="HWC")
+
+
+def log_table(accelerator: Accelerator, name: str, rows: list[dict], step: int) -> None:
+    """A per-sample table (W&B only: sortable by any column, e.g. the worst colour error).
+    Other trackers already get the same figures as images."""
+    if not accelerator.is_main_process or not rows:
+        return
+    for tracker in accelerator.trackers:
+        if tracker.name != "wandb":
+            continue
+        import wandb
+
+        columns = list(rows[0])
+        data = [[wandb.Image(v) if isinstance(v, np.ndarray) else v for v in row.values()] for row in rows]
+        tracker.log({name: wandb.Table(columns=columns, data=data)}, step=step)

@@ -34,7 +34,7 @@ from models.sampling import build_sample_scheduler
 from .checkpoint import resolve_resume, save_checkpoint
 from .data import build_dataset, build_loader, to_device
 from .monitoring import MonitorHooks
-from .tracking import init_trackers, log_images, prepare_tracker_env, tracker_location
+from .tracking import init_trackers, log_images, log_table, prepare_tracker_env, tracker_location
 from .validation import Validator
 
 
@@ -82,6 +82,7 @@ class Trainer:
         self.last_val_error: float | None = None
         self.history: list[dict[str, float]] = []  # what was logged, step by step
         self.val_history: list[dict[str, float]] = []
+        self.local_history: list[dict[str, float]] = []  # this rank's values before the reduction
         self._stop_reason = ""
         self.first_val_pixel_error: float | None = None
 
@@ -150,6 +151,7 @@ class Trainer:
                     step=self.step)
             self.val_history.append({"step": self.step, "val/colour_error": err, **result.metrics})
             log_images(acc, result.images, self.step, self.run_dir)
+            log_table(acc, "val/table", result.table, self.step)
         acc.wait_for_everyone()
         return err
 
@@ -190,9 +192,9 @@ class Trainer:
             metrics["loss/total"] = loss.detach()
             finite = torch.isfinite(loss).float()
             if acc.num_processes > 1:
-                finite = acc.reduce(finite, reduction="min")  # every rank skips together
+                finite = acc.reduce(finite, reduction="sum") / acc.num_processes  # every rank skips together
             self.samples_seen += latents.shape[0] * acc.num_processes
-            if finite.item() < 1:
+            if finite.item() < 1 - 1e-6:
                 bad = [k for k, v in metrics.items() if not torch.isfinite(v).all() and k != "loss/total"]
                 what = problem or ", ".join(bad) or "on another rank"
                 acc.print(f"warning: non-finite loss at step {self.step} ({what}); step skipped")
@@ -260,7 +262,9 @@ class Trainer:
             n_logged += 1
             if self.step % tc.log_every == 0 or self.step == end:
                 # Reduce across ranks only when logging.
-                logs = {k: acc.reduce(v / n_logged, reduction="mean").item() for k, v in sums.items()}
+                local = {k: v / n_logged for k, v in sums.items()}
+                self.local_history.append({"step": self.step, **{k: v.item() for k, v in local.items()}})
+                logs = {k: acc.reduce(v.clone(), reduction="mean").item() for k, v in local.items()}
                 logs["train/lr"] = self.lr_scheduler.get_last_lr()[0]
                 logs["train/samples_per_s"] = interval_samples / max(time.time() - interval_start, 1e-9)
                 acc.log(logs, step=self.step)

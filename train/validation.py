@@ -20,6 +20,7 @@ class ValidationResult:
     images: dict[str, np.ndarray]
     generated: torch.Tensor
     metrics: dict[str, float] = field(default_factory=dict)
+    table: list[dict] = field(default_factory=list)
 
 
 class Validator:
@@ -48,15 +49,17 @@ class Validator:
         with recording:
             generated = sample_tryon(model, batch, self.scheduler, self.steps, self.guidance_scale, generator)
         model.train(was_training)
-        err = float(colour_error(generated, batch["person"], batch["mask"]).mean())
+        errors = colour_error(generated, batch["person"], batch["mask"])
+        err = float(errors.mean())
         pix = float(pixel_error(generated, batch["person"], batch["mask"]).mean())
         grid = sample_grid({
             "agnostic": self.batch["agnostic"], "garment": self.batch["garment"],
             "generated": generated.cpu(), "ground truth": self.batch["person"],
         })
-        images, metrics = {"val/samples": grid}, {"val/pixel_error": pix}
+        images, metrics, table = {"val/samples": grid}, {"val/pixel_error": pix}, []
         if hooks is not None:
             map_metrics, maps_images = hooks.report(self.batch, generated.cpu())
             metrics.update(map_metrics)
             images.update(maps_images)
-        return ValidationResult(err, images, generated.cpu(), metrics)
+            table = hooks.table(self.batch, generated.cpu(), errors.tolist())
+        return ValidationResult(err, images, generated.cpu(), metrics, table)

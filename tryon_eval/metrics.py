@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+# IMACS helpers: one implementation, shared with training and `python -m i2am analyze`.
+from i2am.report import imacs_per_sample, mask_to_grid  # noqa: F401
+
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -179,27 +182,6 @@ def paired_metrics(pairs: Sequence[tuple[Path, Path]], lpips_model: torch.nn.Mod
         lp.append(lpips_distance(lpips_model, a, b, device))
         ss.append(ssim(a, b))
     return {"lpips": float(np.mean(lp)), "ssim": float(np.mean(ss))}
-
-
-# ----------------------------------------------------------------------------- I²AM metrics
-def mask_to_grid(mask: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
-    """(B, 1, H, W) {0, 1} -> bool (B, h, w): a cell is inside when at least half of its
-    area is (area interpolation), the project's convention for comparing image-resolution
-    masks with attention maps on coarse grids."""
-    return F.interpolate(mask.float(), size=(int(grid[0]), int(grid[1])), mode="area")[:, 0] >= 0.5
-
-
-def imacs_per_sample(maps: torch.Tensor, mask: torch.Tensor, penalty: float = 3.0) -> list[float | None]:
-    """IMACS (``i2am.imacs``) of each map (B, h, w) against its mask (B, 1, H, W) brought to
-    the map's grid; None for a sample whose mask is empty or full on that grid (IMACS is
-    undefined there)."""
-    from i2am import imacs
-
-    grid_mask = mask_to_grid(mask.to(maps.device), maps.shape[-2:])
-    out: list[float | None] = []
-    for m, k in zip(maps, grid_mask):
-        out.append(float(imacs(m, k, penalty)) if k.any() and (~k).any() else None)
-    return out
 
 
 def mean_or_none(values: Sequence[float | None]) -> float | None:
