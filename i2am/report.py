@@ -74,7 +74,7 @@ def attribution_report(maps: AttributionMaps, batch: Mapping[str, torch.Tensor],
         "i2am/r2g": render.map_grid(r2g[:n], list(gen), [f"#{i} IMACS_g {fmt(imacs_g[i])}" for i in range(n)],
                                     suptitle="R2G: where the garment went (unified)", shared=False),
         "i2am/g2r": render.map_grid(g2r[:n], list(garment), [f"#{i} IMACS_r {fmt(imacs_r[i])}" for i in range(n)],
-                                    suptitle="G2R: which garment parts were used (unified)", shared=False),
+                                    suptitle="G2R: garment parts used (unified)", shared=False),
     }
     heads = maps.head_level("r2g")[0].float().cpu()
     images["i2am/head_level"] = render.map_grid(heads, gen[0], [f"head {h}" for h in range(heads.shape[0])],

@@ -63,3 +63,23 @@ def test_monitor_leaves_training_loss_unchanged(tmp_path):
         trainer.close()
         losses[enabled] = [h["loss/diffusion"] for h in trainer.history]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_experiment_runner_writes_one_table_for_both_arms(tmp_path):
+    import json
+
+    from train.experiment import main
+
+    overrides = [o for o in tiny_overrides(tmp_path, **{"train.max_steps": 2}) if not o.startswith("train.output_dir")]
+    code = main(["configs/experiments/baseline.yaml", "configs/experiments/refined.yaml", "--out", str(tmp_path / "exp"),
+                 "--eval-samples", "4", *overrides])
+    assert code == 0
+    table = (tmp_path / "exp" / "results.md").read_text()
+    assert "| baseline |" in table and "| refined |" in table and "dispersion" in table
+    results = json.loads((tmp_path / "exp" / "results.json").read_text())
+    assert results["baseline"]["steps"] == results["refined"]["steps"] == 2
+    assert 0 <= results["baseline"]["colour_error"] <= 1
+    assert (tmp_path / "exp" / "maps.png").stat().st_size > 0
+    # Same seed and data, different loss: the arms differ only through the stability term.
+    assert results["baseline"]["dispersion"] != results["refined"]["dispersion"]

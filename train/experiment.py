@@ -19,9 +19,10 @@ from torch.utils.data import default_collate
 from configs import load_config
 
 
-def evaluate_arm(trainer, num_samples: int, batch_size: int = 16) -> dict[str, float]:
-    """Colour error, SSIM and IMACS on `num_samples` test samples (EMA weights,
-    fixed noise), and the dispersion logged over the last training interval."""
+def evaluate_arm(trainer, num_samples: int, batch_size: int = 16) -> tuple[dict[str, float], tuple]:
+    """Colour/pixel error, SSIM and IMACS on `num_samples` test samples (EMA weights,
+    fixed noise), the dispersion logged over the last training interval, and the
+    first batch's (maps, batch, generated) for the comparison figure."""
     from i2am.report import imacs_per_sample
     from models.sampling import sample_tryon
     from train.data import build_dataset
@@ -54,8 +55,7 @@ def evaluate_arm(trainer, num_samples: int, batch_size: int = 16) -> dict[str, f
     result["dispersion"] = logged[-1]["i2am/dispersion/mean"] if logged else float("nan")
     result["steps"] = trainer.step
     result["minutes"] = round(trainer.train_seconds / 60, 2)
-    trainer.first_eval = first_maps
-    return result
+    return result, first_maps
 
 
 def _u8(image: torch.Tensor) -> np.ndarray:
@@ -109,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(files=[file], overrides=[f"train.output_dir={out / arm}", *overrides])
         trainer = Trainer(cfg)
         trainer.fit()
-        results[arm] = evaluate_arm(trainer, args.eval_samples)
-        figures[arm] = trainer.first_eval
+        results[arm], figures[arm] = evaluate_arm(trainer, args.eval_samples)
         trainer.close()
         # Accelerate keeps process-wide state; start the next arm clean.
         AcceleratorState._reset_state(True)
