@@ -53,7 +53,12 @@ def init_trackers(accelerator: Accelerator, cfg: TrackerConfig, run_dir: Path, c
             id_file.write_text(run_id)
         else:
             run_id = None
-        kwargs["wandb"] = {"dir": str(run_dir), "name": cfg.run_name or run_dir.name, "id": run_id, "resume": "allow"}
+        import wandb
+
+        # System-metric sampling runs in W&B's service process; on a 2-core machine it competes with
+        # training for a core (200 steps of the default: 70.9 s with it, 63.7 s without).
+        kwargs["wandb"] = {"dir": str(run_dir), "name": cfg.run_name or run_dir.name, "id": run_id, "resume": "allow",
+                           "settings": wandb.Settings(x_disable_stats=not cfg.system_metrics)}
     accelerator.init_trackers(cfg.project, config=dict(config), init_kwargs=kwargs)
 
 
