@@ -51,6 +51,11 @@ def attention_moments(query: torch.Tensor, key: torch.Tensor, scale: float, refe
     if k.shape[-2] != p.shape[0]:
         raise ValueError(f"{k.shape[-2]} grid keys but reference_grid {reference_grid} has {p.shape[0]} cells")
     values = torch.cat([p, p.square().sum(-1, keepdim=True)], dim=-1)  # (N_grid, 3)
+    if q.shape[-1] > 3:
+        # Zero-pad the values to the head dim: with v's dim != q's, PyTorch's CPU SDPA falls back
+        # to the math kernel, which materialises the probabilities (6x slower here, and the memory
+        # this function exists to avoid); with equal dims it uses the flash kernel.
+        values = F.pad(values, (0, q.shape[-1] - 3))
     values = values.expand(q.shape[0], q.shape[1], -1, -1)
     out = F.scaled_dot_product_attention(q, k, values, scale=scale)
     mu, second = out[..., :2], out[..., 2]
