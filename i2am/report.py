@@ -37,6 +37,13 @@ def top_cells(r2g: torch.Tensor, mask_grid: torch.Tensor, k: int) -> list[tuple[
     return [(i // w, i % w) for i in idx]
 
 
+def _unified_scored(maps: AttributionMaps, batch: Mapping[str, torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[float | None], list[float | None]]:
+    """Unified R2G and G2R maps on the CPU with their per-sample IMACS_g / IMACS_r."""
+    r2g, g2r = maps.unified("r2g").float().cpu(), maps.unified("g2r").float().cpu()
+    return r2g, g2r, imacs_per_sample(r2g, batch["mask"].cpu()), imacs_per_sample(g2r, batch["garment_mask"].cpu())
+
+
 def _mean(values: list[float | None]) -> float:
     vals = [v for v in values if v is not None]
     return float(np.mean(vals)) if vals else float("nan")
@@ -59,9 +66,7 @@ def attribution_report(maps: AttributionMaps, batch: Mapping[str, torch.Tensor],
     `batch` holds "garment", "mask" and "garment_mask" (B, ., H, W); `generated`
     the sampled images (B, 3, H, W) in [-1, 1].
     """
-    r2g, g2r = maps.unified("r2g").float().cpu(), maps.unified("g2r").float().cpu()
-    imacs_g = imacs_per_sample(r2g, batch["mask"].cpu())
-    imacs_r = imacs_per_sample(g2r, batch["garment_mask"].cpu())
+    r2g, g2r, imacs_g, imacs_r = _unified_scored(maps, batch)
     metrics = {"i2am/imacs_g": _mean(imacs_g), "i2am/imacs_r": _mean(imacs_r)}
 
     n = min(samples, r2g.shape[0])
@@ -105,9 +110,7 @@ def sample_rows(maps: AttributionMaps, batch: Mapping[str, torch.Tensor], genera
                 colour_errors: list[float] | None = None) -> list[dict]:
     """One row per sample for a sortable table (W&B): person, garment, generated, R2G and G2R
     overlays, the specific-reference figure of its highest-R2G cell, IMACS_g/r, colour error."""
-    r2g, g2r = maps.unified("r2g").float().cpu(), maps.unified("g2r").float().cpu()
-    imacs_g = imacs_per_sample(r2g, batch["mask"].cpu())
-    imacs_r = imacs_per_sample(g2r, batch["garment_mask"].cpu())
+    r2g, g2r, imacs_g, imacs_r = _unified_scored(maps, batch)
     grid = tuple(r2g.shape[-2:])
     masks = mask_to_grid(batch["mask"].cpu(), grid)
     rows = []

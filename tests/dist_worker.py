@@ -24,7 +24,7 @@ def main() -> None:
     out.write_text(json.dumps({
         "rank": acc.process_index, "world": acc.num_processes,
         "local_history": trainer.local_history, "history": trainer.history,
-        "params_sum": float(params.double().sum()), "params_abs_sum": float(params.double().abs().sum()),
+        "params_sum": float(params.double().sum()),
         "first_params": params[:64].tolist(), "samples_seen": trainer.samples_seen,
     }))
     trainer.close()

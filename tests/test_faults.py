@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
 
 
-def _launch(args: list[str], processes: int = 1, **popen) -> list[str]:
+def _launch(args: list[str], processes: int = 1) -> list[str]:
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
                 "--dynamo_backend", "no", "--num_processes", str(processes)]
     if processes > 1:
@@ -92,7 +92,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     resumed = subprocess.run([sys.executable, *args, "train.resume=latest"], cwd=ROOT, env=ENV,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from" in resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout + resumed.stderr
     a, b = _final_weights(tmp_path / "ref" / "run"), _final_weights(run)
     assert a.keys() == b.keys()
     for k in a:

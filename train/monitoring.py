@@ -3,7 +3,7 @@
 - `step_loss(latent_mask, timesteps, step)` after each forward: the stability
   loss and per-layer dispersion from the monitor's last forward pass;
 - `recording(num_steps, doubled_batch)`: a context in which sampling is recorded;
-- `report(batch, generated)`: IMACS and figures for the recorded sampling;
+- `report(batch, generated, colour_errors)`: IMACS, figures and table rows for the recorded sampling;
 - `state_dict()` / `load_state_dict()`: checkpointed with the run.
 
 The monitor never sees the trainer; the trainer never sees processors or maps.
@@ -51,14 +51,13 @@ class MonitorHooks:
             self.monitor.record = False
             self.monitor.batch_slice = None
 
-    def report(self, batch: Mapping[str, torch.Tensor], generated: torch.Tensor
-               ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        return attribution_report(self.monitor.maps(), batch, generated, samples=self.cfg.samples,
-                                  patches=self.cfg.patches, time_groups=self.cfg.time_groups)
-
-    def table(self, batch: Mapping[str, torch.Tensor], generated: torch.Tensor,
-              colour_errors: list[float]) -> list[dict]:
-        return sample_rows(self.monitor.maps(), batch, generated, colour_errors)
+    def report(self, batch: Mapping[str, torch.Tensor], generated: torch.Tensor, colour_errors: list[float]
+               ) -> tuple[dict[str, float], dict[str, np.ndarray], list[dict]]:
+        """IMACS, the map figures and the per-sample table rows, from one snapshot of the recording."""
+        maps = self.monitor.maps()
+        metrics, images = attribution_report(maps, batch, generated, samples=self.cfg.samples,
+                                             patches=self.cfg.patches, time_groups=self.cfg.time_groups)
+        return metrics, images, sample_rows(maps, batch, generated, colour_errors)
 
     def state_dict(self) -> dict:
         return {"steps_observed": self.steps_observed}

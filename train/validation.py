@@ -58,8 +58,7 @@ class Validator:
         })
         images, metrics, table = {"val/samples": grid}, {"val/pixel_error": pix}, []
         if hooks is not None:
-            map_metrics, maps_images = hooks.report(self.batch, generated.cpu())
+            map_metrics, maps_images, table = hooks.report(self.batch, generated.cpu(), errors.tolist())
             metrics.update(map_metrics)
             images.update(maps_images)
-            table = hooks.table(self.batch, generated.cpu(), errors.tolist())
         return ValidationResult(err, images, generated.cpu(), metrics, table)
