@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) bench/monitor.py
 	$(PY) bench/step.py
 
-# The stability-loss experiment: baseline vs refined, same seed and steps -> a markdown table.
+# The stability-loss experiment: baseline vs three refined arms, same seed and steps -> a markdown table.
 experiment: $(STAMP)
-	$(PY) -m train.experiment configs/experiments/baseline.yaml configs/experiments/refined.yaml $(ARGS)
+	$(PY) -m train.experiment configs/experiments/baseline.yaml configs/experiments/refined.yaml \
+		configs/experiments/finetune.yaml configs/experiments/concentration.yaml $(ARGS)

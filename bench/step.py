@@ -6,8 +6,12 @@ Side by side in one invocation, for each size:
 
 * plain: a training step of the try-on UNet (forward, backward, AdamW);
 * fused: the same with the I²AM monitor attached and the dispersion loss on
-  every cross-attention layer, computed by `scaled_dot_product_attention` with
-  the coordinates as values (the probability matrix is never materialised);
+  every cross-attention layer, its statistics computed inside each layer's own
+  `scaled_dot_product_attention` call, with the coordinates as extra value
+  columns (`AttentionMonitor(moments=True)`; no probability matrix, no second
+  kernel);
+* 2-call: the same statistics from a second, separate fused SDPA call on the
+  kept q/k (what a layer with a non-default processor gets);
 * naive: the same loss from explicit softmax probabilities kept for backward
   (what StableVITON's ATV and the I²AM authors' code do).
 
@@ -16,15 +20,19 @@ batch 16); "sd15" on CUDA (SD-1.5 shapes, 64x48 latent, 16 cross-attention
 layers, 8 heads, 768 reference tokens, batch 2, bf16 autocast) or, on CPU, a
 reduced SD-like UNet with the same layer count, grid and tokens (channels
 64/128/256/256, batch 1). Weights are random; cost does not depend on them.
-Each size runs in its own process; modes alternate within it. Time: mean of
-`--steps` steps, best of `--repeats`. Peak memory as in bench/monitor.py
-(CUDA: max_memory_allocated; CPU: resident-set high-water mark).
+Each size runs in its own process. Time: the modes take turns step by step for
+`--steps` × `--repeats` rounds; each mode's median step, with the normal
+allocator. Peak memory
+afterwards, one step per mode, as in bench/monitor.py (CUDA:
+max_memory_allocated; CPU: resident-set high-water mark with glibc's mmap
+threshold lowered so freed tensors leave the RSS; that slows allocation,
+which is why it is not in the timed loop).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import statistics
 import subprocess
 import sys
 import time
@@ -44,7 +52,7 @@ SIZES = {
                                    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32),
                          latent=(64, 48), grid=(32, 24), batch=1, channels=4),
 }
-MODES = ("plain", "fused", "naive")
+MODES = ("plain", "fused", "2-call", "naive")
 
 
 def worker(size: str, device: str, steps: int, repeats: int) -> dict:
@@ -87,43 +95,53 @@ def worker(size: str, device: str, steps: int, repeats: int) -> dict:
     def setup(mode: str):
         if mode == "plain":
             return None, None
-        monitor = AttentionMonitor(unet, spec["grid"], keep_last=True, record=False)
+        monitor = AttentionMonitor(unet, spec["grid"], keep_last=True, moments=mode == "fused", record=False)
         return monitor, StabilityLoss(StabilityConfig(dispersion=1.0), explicit=mode == "naive")
 
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize()
 
-    times = {m: float("inf") for m in MODES}
-    for _ in range(repeats):
-        for mode in MODES:
-            monitor, loss_fn = setup(mode)
-            one_step(loss_fn, monitor)  # warm-up
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                one_step(loss_fn, monitor)
-            sync()
-            times[mode] = min(times[mode], (time.perf_counter() - t0) / steps)
-            if monitor is not None:
-                monitor.close()
-    peaks = {}
-    libc = ctypes.CDLL("libc.so.6")
-    for mode in MODES:
+    # Modes take turns step by step (the monitor attached and closed around each), so slow drifts
+    # of a shared machine hit every mode alike; each mode's time is the median of its steps.
+    samples: dict[str, list[float]] = {m: [] for m in MODES}
+    for mode in MODES:  # warm-up
         monitor, loss_fn = setup(mode)
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            one_step(loss_fn, monitor)
-            sync()
-            peaks[mode] = torch.cuda.max_memory_allocated()
-        else:
-            libc.malloc_trim(0)
-            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-            one_step(loss_fn, monitor)
-            peaks[mode] = _rss_kib("VmHWM") * 1024
+        one_step(loss_fn, monitor)
         if monitor is not None:
             monitor.close()
+    for _ in range(steps * repeats):
+        for mode in MODES:
+            monitor, loss_fn = setup(mode)
+            sync()
+            t0 = time.perf_counter()
+            one_step(loss_fn, monitor)
+            sync()
+            samples[mode].append(time.perf_counter() - t0)
+            if monitor is not None:
+                monitor.close()
+    times = {m: statistics.median(v) for m, v in samples.items()}
+    peaks = {}
+    libc = ctypes.CDLL("libc.so.6")
+    if not cuda:
+        libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: blocks >= 64 KiB are mmapped and returned on free()
+    for _ in range(repeats):  # the lowest of `repeats` peaks: the RSS high-water mark is noisy
+        for mode in MODES:
+            monitor, loss_fn = setup(mode)
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                one_step(loss_fn, monitor)
+                sync()
+                peak = torch.cuda.max_memory_allocated()
+            else:
+                libc.malloc_trim(0)
+                Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+                one_step(loss_fn, monitor)
+                peak = _rss_kib("VmHWM") * 1024
+            peaks[mode] = min(peaks.get(mode, peak), peak)
+            if monitor is not None:
+                monitor.close()
     return {"size": size, "device": device, "batch": b, "times": times, "peaks": peaks,
             "layers": sum(1 for n in unet.attn_processors if "attn2" in n)}
 
@@ -143,25 +161,25 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = ["toy"] + ([] if args.skip_large else ["sd15" if device == "cuda" else "sd15-reduced"])
     print(machine())
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    header = (f"{'size':<13} {'dev':<4} {'xattn':>5} {'batch':>5} | {'plain ms':>9} {'fused ms':>9} {'naive ms':>9} "
-              f"{'fused×':>6} {'naive×':>6} | {'plain MiB':>9} {'fused MiB':>9} {'naive MiB':>9} {'fused×':>6} {'naive×':>6}")
-    print(header)
-    print("-" * len(header))
+    rows = []
     for size in sizes:
         job = dict(size=size, device=device, steps=args.steps, repeats=args.repeats)
         out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
-                             env=env, cwd=ROOT)
+                             cwd=ROOT)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             raise SystemExit(f"worker for {size} failed:\n{out.stderr[-3000:]}")
-        r = json.loads(line[7:])
-        tm, pk, mib = r["times"], r["peaks"], 2**20
-        print(f"{size:<13} {device:<4} {r['layers']:>5} {r['batch']:>5} | {tm['plain'] * 1e3:>9.1f} "
-              f"{tm['fused'] * 1e3:>9.1f} {tm['naive'] * 1e3:>9.1f} {tm['fused'] / tm['plain']:>6.2f} "
-              f"{tm['naive'] / tm['plain']:>6.2f} | {pk['plain'] / mib:>9.0f} {pk['fused'] / mib:>9.0f} "
-              f"{pk['naive'] / mib:>9.0f} {pk['fused'] / pk['plain']:>6.3f} {pk['naive'] / pk['plain']:>6.3f}")
-
+        rows.append(json.loads(line[7:]))
+    for what, key, unit, scale, fmt in (("time per step", "times", "ms", 1e3, ".1f"),
+                                        ("peak memory", "peaks", "MiB", 2.0**-20, ".0f")):
+        header = (f"{what + ' (' + unit + ')':<22} {'xattn':>5} {'batch':>5} | "
+                  + " ".join(f"{m:>8}" for m in MODES) + " | " + " ".join(f"{m + '×':>8}" for m in MODES[1:]))
+        print(f"\n{header}\n{'-' * len(header)}")
+        for r in rows:
+            v = r[key]
+            print(f"{r['size'] + ' ' + r['device']:<22} {r['layers']:>5} {r['batch']:>5} | "
+                  + " ".join(f"{v[m] * scale:>8{fmt}}" for m in MODES) + " | "
+                  + " ".join(f"{v[m] / v['plain']:>8.3f}" for m in MODES[1:]))
 
 if __name__ == "__main__":
     main()

@@ -6,11 +6,21 @@ over the grid tokens only) and cell centres p_j = ((r + 0.5)/h_r, (c + 0.5)/w_r)
     mu_i  = sum_j A_ij p_j
     Var_i = sum_j A_ij ||p_j - mu_i||^2 = sum_j A_ij ||p_j||^2 - ||mu_i||^2
 
-Both sums are attention outputs with the coordinates as values, so one fused
-`F.scaled_dot_product_attention` call with values [p_y, p_x, ||p||^2] gives
-them without ever materialising the N_q x N_k probability matrix, in the
-forward *and* the backward pass. `*_explicit` versions build the matrix: they
-are the reference for tests and the naive baseline for `bench/step.py`.
+Both sums are attention outputs with the coordinates as values, so they come
+out of `F.scaled_dot_product_attention` without the N_q x N_k probability
+matrix ever being materialised, in the forward *and* the backward pass. Two
+fused forms:
+
+* `attention_with_moments` folds the coordinate columns into the layer's own
+  attention call (values [v, p_y, p_x, ||p||^2, 1_grid]): one kernel gives the
+  layer output and the statistics, the cheapest form (the monitor uses it while
+  training with the stability loss);
+* `attention_moments` is a separate call on given q/k (any processor).
+
+Coordinates are centred (p - 0.5) inside the kernels, which keeps the
+cancellation in E||p||^2 - ||mu||^2 small in reduced precision. `*_explicit`
+versions build the matrix: they are the reference for tests and the naive
+baseline for `bench/step.py`.
 """
 from __future__ import annotations
 
@@ -43,24 +53,61 @@ def _grid_qk(query: torch.Tensor, key: torch.Tensor, extra_tokens: int) -> tuple
     return query.float(), key[:, :, extra_tokens:].float()
 
 
+def _coordinate_values(reference_grid: tuple[int, int], extra_tokens: int, num_keys: int,
+                       device, dtype) -> torch.Tensor:
+    """(N_k, 3 or 4) values [p_y - 0.5, p_x - 0.5, ||p - 0.5||^2 (, 1)] with zero rows for the
+    extra tokens; the 4th column (grid mass) is only needed when there are extra tokens, to
+    renormalise the softmax over all keys to one over the grid keys."""
+    p = cell_centres(reference_grid, device) - 0.5
+    if num_keys != extra_tokens + p.shape[0]:
+        raise ValueError(f"{num_keys} keys but reference_grid {tuple(reference_grid)} has {p.shape[0]} cells "
+                         f"and there are {extra_tokens} extra tokens")
+    cols = [p, p.square().sum(-1, keepdim=True)] + ([torch.ones_like(p[:, :1])] if extra_tokens else [])
+    return F.pad(torch.cat(cols, dim=-1), (0, 0, extra_tokens, 0)).to(dtype)
+
+
+def _moments(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention outputs of `_coordinate_values` -> (mu (..., 2), Var (...)) in float32."""
+    out = out.float()
+    if out.shape[-1] == 4:
+        out = out[..., :3] / out[..., 3:]
+    mu, second = out[..., :2], out[..., 2]
+    return mu + 0.5, (second - mu.square().sum(-1)).clamp(min=0)
+
+
 def attention_moments(query: torch.Tensor, key: torch.Tensor, scale: float, reference_grid: tuple[int, int],
                       extra_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused: (mu (B, heads, N_q, 2), Var (B, heads, N_q)) from per-head q (B, h, N_q, d), k (B, h, N_k, d)."""
+    """Fused, one extra SDPA call: (mu (B, heads, N_q, 2), Var (B, heads, N_q)) from per-head
+    q (B, h, N_q, d) and k (B, h, N_k, d), in float32."""
     q, k = _grid_qk(query, key, extra_tokens)
-    p = cell_centres(reference_grid, q.device)
-    if k.shape[-2] != p.shape[0]:
-        raise ValueError(f"{k.shape[-2]} grid keys but reference_grid {reference_grid} has {p.shape[0]} cells")
-    values = torch.cat([p, p.square().sum(-1, keepdim=True)], dim=-1)  # (N_grid, 3)
+    values = _coordinate_values(reference_grid, 0, k.shape[-2], q.device, q.dtype)  # (N_grid, 3)
     if q.shape[-1] > 3:
         # Zero-pad the values to the head dim: with v's dim != q's, PyTorch's CPU SDPA falls back
         # to the math kernel, which materialises the probabilities (6x slower here, and the memory
         # this function exists to avoid); with equal dims it uses the flash kernel.
         values = F.pad(values, (0, q.shape[-1] - 3))
     values = values.expand(q.shape[0], q.shape[1], -1, -1)
-    out = F.scaled_dot_product_attention(q, k, values, scale=scale)
-    mu, second = out[..., :2], out[..., 2]
-    var = (second - mu.square().sum(-1)).clamp(min=0)
-    return mu, var
+    return _moments(F.scaled_dot_product_attention(q, k, values, scale=scale)[..., :3])
+
+
+def attention_with_moments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attn_mask: torch.Tensor | None, scale: float, reference_grid: tuple[int, int],
+                           extra_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's attention and its moments from one SDPA call: (out (B, h, N_q, d), mu, Var).
+
+    The coordinate columns ride along with the values; q and k get zero columns to the same
+    width (equal widths keep SDPA on its flash kernels; a multiple of 8 suits CUDA's), which
+    leaves every score unchanged. `out` equals plain SDPA to float rounding.
+    """
+    b, heads, n_k, d = value.shape
+    coords = _coordinate_values(reference_grid, extra_tokens, n_k, value.device, value.dtype)
+    n = coords.shape[-1]
+    width = -(-(d + n) // 8) * 8
+    values = torch.cat([value, F.pad(coords, (0, width - d - n)).expand(b, heads, -1, -1)], dim=-1)
+    out = F.scaled_dot_product_attention(F.pad(query, (0, width - d)), F.pad(key, (0, width - d)), values,
+                                         attn_mask=attn_mask, scale=scale)
+    mu, var = _moments(out[..., d:d + n])
+    return out[..., :d], mu, var
 
 
 def attention_moments_explicit(query: torch.Tensor, key: torch.Tensor, scale: float,

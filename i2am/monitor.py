@@ -43,7 +43,11 @@ class LastAttention:
     ``query`` (B, heads, N_q, d) and ``key`` (B, heads, N_k, d) cover the UNet's
     whole batch (``batch_slice`` does not apply); the first ``extra_tokens`` keys
     are not on the reference grid. ``scale`` is the softmax temperature the
-    layer applied. ``grid`` is the layer's query grid (h_l, w_l).
+    layer applied. ``grid`` is the layer's query grid (h_l, w_l). With
+    ``AttentionMonitor(..., moments=True)`` a layer that runs diffusers' default
+    processor also carries its attention centres ``mu`` (B, heads, N_q, 2) and
+    dispersion ``var`` (B, heads, N_q), with graph, from its own attention call
+    (:func:`i2am.dispersion.attention_with_moments`); otherwise they are None.
     """
 
     query: torch.Tensor
@@ -53,6 +57,8 @@ class LastAttention:
     scale: float
     extra_tokens: int
     reference_grid: tuple[int, int]
+    mu: torch.Tensor | None = None
+    var: torch.Tensor | None = None
 
 
 class AttentionMonitor:
@@ -80,6 +86,10 @@ class AttentionMonitor:
             function of the batch size returning one (e.g. the conditional half
             under classifier-free guidance).
         keep_last: keep the last forward's q/k with graph (``last_attention()``).
+        moments: also keep each layer's attention centres and dispersion, computed
+            inside the layer's own attention call (implies ``keep_last``). The
+            layer output then equals the unmonitored one to float rounding
+            rather than bit for bit.
         record: whether to record maps (can be toggled via ``monitor.record``).
     """
 
@@ -96,6 +106,7 @@ class AttentionMonitor:
         pair_layers: LayerSelector | bool = None,
         batch_slice: BatchSlice = None,
         keep_last: bool = False,
+        moments: bool = False,
         record: bool = True,
     ) -> None:
         if extra_tokens < 0:
@@ -108,7 +119,8 @@ class AttentionMonitor:
         self.extra_tokens = int(extra_tokens)
         self.chunk_size = int(chunk_size)
         self.batch_slice = batch_slice
-        self.keep_last = keep_last
+        self.keep_last = keep_last or moments
+        self.moments = moments
         self.record = record
 
         self._original: dict[str, Any] = dict(unet.attn_processors)
@@ -247,9 +259,8 @@ class AttentionMonitor:
     def _wants(self, name: str) -> bool:
         return self.keep_last or (self.record and self._active)
 
-    def _observe(self, name: str, query: torch.Tensor, key: torch.Tensor,
-                 mask: torch.Tensor | None, scale: float) -> None:
-        grid = query_grid(query.shape[-2], self._call_grid, name) if hasattr(self, "_call_grid") else None
+    def _reference_grid_for(self, name: str, key: torch.Tensor) -> tuple[int, int]:
+        """The reference grid a layer's keys must match (read from the first call if not given)."""
         n_grid = key.shape[-2] - self.extra_tokens
         if self.reference_grid is None:
             if n_grid < 1:
@@ -262,9 +273,16 @@ class AttentionMonitor:
                 f"layer {name!r} got {key.shape[-2]} reference tokens, expected reference_grid "
                 f"{h_r}×{w_r} + extra_tokens {self.extra_tokens} = {h_r * w_r + self.extra_tokens}"
             )
+        return self.reference_grid
+
+    def _observe(self, name: str, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
+                 scale: float, moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        grid = query_grid(query.shape[-2], self._call_grid, name) if hasattr(self, "_call_grid") else None
+        n_grid = key.shape[-2] - self.extra_tokens
+        self._reference_grid_for(name, key)
         if self.keep_last:
-            self._last[name] = LastAttention(query, key, grid, query.shape[1], scale,
-                                             self.extra_tokens, self.reference_grid)
+            self._last[name] = LastAttention(query, key, grid, query.shape[1], scale, self.extra_tokens,
+                                             self.reference_grid, *(moments or (None, None)))
         if not (self.record and self._active):
             return
         with torch.no_grad():

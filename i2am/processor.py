@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ._stats import attention_statistics
+from .dispersion import attention_with_moments
 
 if TYPE_CHECKING:  # pragma: no cover
     from .monitor import AttentionMonitor
@@ -161,12 +162,22 @@ class MonitorProcessor:
         batch_size, channel, height, width = pre["shape"]
         value = attn.to_v(pre["encoder_hidden_states"])
         value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if self.monitor._wants(self.name):
+        observe = self.monitor._wants(self.name)
+        moments = None
+        if observe and self.monitor.moments:
+            # The dispersion loss's statistics ride along in this very attention call: no second kernel.
+            reference_grid = self.monitor._reference_grid_for(self.name, key)
+            hidden_states, mu, var = attention_with_moments(query, key, value, pre["attention_mask"],
+                                                            head_dim ** -0.5, reference_grid,
+                                                            self.monitor.extra_tokens)
+            moments = (mu, var)
+        else:
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=pre["attention_mask"], dropout_p=0.0, is_causal=False
+            )
+        if observe:
             # SDPA's default scale is what the model actually applied.
-            self.monitor._observe(self.name, query, key, pre["attention_mask"], head_dim ** -0.5)
-        hidden_states = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=pre["attention_mask"], dropout_p=0.0, is_causal=False
-        )
+            self.monitor._observe(self.name, query, key, pre["attention_mask"], head_dim ** -0.5, moments)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)

@@ -39,6 +39,7 @@ ArrayLike = torch.Tensor | np.ndarray
 BOX_COLOUR = (0, 255, 0)  # the query-region rectangle: pure green, absent from jet and the data
 _DPI = 100
 _PAD, _TITLE_H, _SUPTITLE_H, _BAR_W = 10, 22, 28, 74  # layout, in figure pixels
+_LINE_H = 14  # a 10-pt line's height, in pixels
 
 
 def _as_tensor(x: ArrayLike, name: str) -> torch.Tensor:
@@ -149,6 +150,22 @@ class _Bar:
     label: str = ""
 
 
+def _wrap(text: str, width_px: float, fontsize: float = 10) -> list[str]:
+    """Greedy word wrap at the rendered width of the text (10 pt at _DPI)."""
+    from matplotlib.textpath import TextPath
+
+    def fits(line: str) -> bool:
+        return TextPath((0, 0), line, size=fontsize * _DPI / 72).get_extents().width <= width_px
+
+    lines: list[str] = []
+    for word in text.split():
+        if lines and fits(f"{lines[-1]} {word}"):
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
 def _figure(panels: Sequence[np.ndarray], titles: Sequence[str], ncols: int,
             suptitle: str | None = None, bar: _Bar | None = None) -> tuple[Figure, list]:
     """Lay panels out on a grid at one figure pixel per panel pixel; returns (figure, axes).
@@ -160,10 +177,12 @@ def _figure(panels: Sequence[np.ndarray], titles: Sequence[str], ncols: int,
     nrows = math.ceil(n / ncols)
     ch = max(p.shape[0] for p in panels) + _TITLE_H
     cw = max(max(p.shape[1] for p in panels), 60)
-    top = _PAD + (_SUPTITLE_H if suptitle else 0)
     grid_w = ncols * cw + (ncols - 1) * _PAD
     grid_h = nrows * ch + (nrows - 1) * _PAD
     fw = _PAD + grid_w + (_BAR_W if bar else 0) + _PAD
+    # A suptitle wider than the figure is wrapped rather than cut at both edges.
+    lines = _wrap(suptitle, fw - 2 * _PAD) if suptitle else []
+    top = _PAD + (_SUPTITLE_H + _LINE_H * (len(lines) - 1) if lines else 0)
     fh = top + grid_h + _PAD
     fig = Figure(figsize=(fw / _DPI + 1e-6, fh / _DPI + 1e-6), dpi=_DPI, facecolor="white")
     FigureCanvasAgg(fig)
@@ -183,8 +202,8 @@ def _figure(panels: Sequence[np.ndarray], titles: Sequence[str], ncols: int,
         if title:
             ax.set_title(title, fontsize=9, pad=4)
         axes.append(ax)
-    if suptitle:
-        fig.text(0.5, 1.0 - (_PAD + _SUPTITLE_H / 2) / fh, suptitle, ha="center", va="center", fontsize=10)
+    if lines:
+        fig.text(0.5, 1.0 - (top + _PAD) / 2 / fh, "\n".join(lines), ha="center", va="center", fontsize=10)
     if bar is not None:
         cax = fig.add_axes(rect(_PAD + grid_w + 12, top + _TITLE_H, 12, grid_h - _TITLE_H))
         sm = ScalarMappable(norm=Normalize(vmin=bar.vmin, vmax=bar.vmax), cmap=bar.cmap)

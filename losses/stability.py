@@ -9,8 +9,10 @@ patches) and fixed it with a loss that stabilises attention. Terms:
 - `concentration`: 1 - Gaussian attention mass around each centre (the authors'
   follow-up), explicit, for comparison.
 
-The statistics come from the monitor's last forward pass (`last_attention()`),
-so the loss never reaches into the model. Per-layer dispersion is always in the
+The statistics come from the monitor's last forward pass (`last_attention()`):
+the centres and dispersion the layer's own attention call computed when the
+monitor runs with `moments=True`, else one fused call on the kept q/k. The loss
+never reaches into the model. Per-layer dispersion is always in the
 metrics, also with every weight at 0, so a user can watch before regularising.
 """
 from __future__ import annotations
@@ -45,7 +47,7 @@ class StabilityLoss:
         layers = cfg.layers
         # explicit=True builds the probability matrix (and keeps it for backward), as peers do:
         # the naive baseline of bench/step.py.
-        self.moments = attention_moments_explicit if explicit else attention_moments
+        self.explicit = explicit
         self.selectors = list(layers) if layers else None
         if self.selectors and monitored is not None:
             names = [s for s in self.selectors if not _LEVEL.match(s)]
@@ -82,6 +84,7 @@ class StabilityLoss:
         total = None
         selected = set(self._selected(last))
         warm = step >= self.warmup_steps
+        dispersions: dict[str, torch.Tensor] = {}
         for name, s in last.items():
             b = s.query.shape[0]
             qmask = query_mask(latent_mask, s.grid, b)
@@ -90,12 +93,10 @@ class StabilityLoss:
                 qmask = keep.expand(b, s.grid[0] * s.grid[1]) if qmask is None else qmask & keep
             want_grad = name in selected and warm and self.active
             with torch.set_grad_enabled(want_grad and torch.is_grad_enabled()):
-                mu, var = self.moments(s.query, s.key, s.scale, s.reference_grid, s.extra_tokens)
-                disp = masked_mean(var, qmask)
+                mu, var = self._moments(s)
+                disp = masked_mean(var if want_grad else var.detach(), qmask)
             short = short_name(name)
-            if not torch.isfinite(disp):
-                raise FloatingPointError(f"non-finite attention dispersion in layer {name!r}")
-            metrics[f"i2am/dispersion/{short}"] = disp.detach()
+            dispersions[name] = metrics[f"i2am/dispersion/{short}"] = disp.detach()
             if not want_grad:
                 continue
             term = self.terms.dispersion * disp
@@ -109,9 +110,12 @@ class StabilityLoss:
                 metrics[f"loss/concentration/{short}"] = (1 - conc).detach()
                 term = term + self.terms.concentration * (1 - conc)
             total = term if total is None else total + term
-        if metrics:
-            metrics["i2am/dispersion/mean"] = torch.stack(
-                [v for k, v in metrics.items() if k.startswith("i2am/dispersion/")]).mean()
+        if dispersions:
+            values = torch.stack(list(dispersions.values()))
+            if not torch.isfinite(values).all():  # one host sync per step, not one per layer
+                bad = [n for n, v in dispersions.items() if not torch.isfinite(v)]
+                raise FloatingPointError(f"non-finite attention dispersion in layer(s) {bad}")
+            metrics["i2am/dispersion/mean"] = values.mean()
         if total is None:
             device = next(iter(last.values())).query.device if last else "cpu"
             total = torch.zeros((), device=device)
@@ -119,6 +123,13 @@ class StabilityLoss:
             total = total / len(selected)
         metrics["loss/stability"] = total.detach()
         return total, metrics
+
+    def _moments(self, s) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.explicit:  # builds the probability matrix and keeps it for backward, as peers do
+            return attention_moments_explicit(s.query, s.key, s.scale, s.reference_grid, s.extra_tokens)
+        if getattr(s, "var", None) is not None:  # computed inside the layer's attention call
+            return s.mu, s.var
+        return attention_moments(s.query, s.key, s.scale, s.reference_grid, s.extra_tokens)
 
 
 def _strip(name: str) -> str:

@@ -85,3 +85,17 @@ def test_benchmark_configs_require_only_paths():
     for name in ("viton_hd", "dresscode"):
         cfg = load_config(files=[f"configs/{name}.yaml"], overrides=paths)
         assert cfg.data.name == name and cfg.data.resolution == [512, 384]
+
+
+@pytest.mark.parametrize("arm", ["refined", "finetune", "concentration"])
+def test_experiment_arms_differ_from_the_baseline_only_in_the_stability_loss(arm):
+    """Same seed, data, model and steps in every arm: the comparison is only about the loss."""
+    from dataclasses import asdict
+
+    base = asdict(load_config(files=["configs/experiments/baseline.yaml"]))
+    other = asdict(load_config(files=[f"configs/experiments/{arm}.yaml"]))
+    assert other["stability"] != base["stability"]
+    for section in ("data", "model", "diffusion", "optim"):
+        assert other[section] == base[section], section
+    assert {k: v for k, v in other["train"].items() if k != "output_dir"} == \
+        {k: v for k, v in base["train"].items() if k != "output_dir"}

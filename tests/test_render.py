@@ -121,6 +121,17 @@ def test_map_grid_grows_with_n_and_normalisation_is_stated():
         R.map_grid(maps[:2], [_grey()] * 3, ["a", "b"])
 
 
+def test_long_suptitle_wraps_inside_the_figure():
+    """A title wider than a narrow grid takes more lines instead of being cut at the edges."""
+    maps = torch.stack([_blob(), _blob()])
+    short = R.map_grid(maps, _grey(), ["a", "b"], suptitle="x")
+    long = R.map_grid(maps, _grey(), ["a", "b"], suptitle="concentration: R2G over the generated image " * 2)
+    assert long.shape[1] == short.shape[1] and long.shape[0] > short.shape[0]
+    band = long[: long.shape[0] - short.shape[0] + 30]  # the title band, without the panels
+    ink = band.min(axis=-1) < 128
+    assert ink.any() and not ink[:, :3].any() and not ink[:, -3:].any()
+
+
 def _extent(mask: np.ndarray) -> tuple[int, int, int, int]:
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1

@@ -4,8 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from i2am.dispersion import (atv, attention_moments, attention_moments_explicit, cell_centres, concentration,
-                             masked_mean, query_mask)
+import torch.nn.functional as F
+
+from i2am.dispersion import (atv, attention_moments, attention_moments_explicit, attention_with_moments,
+                             cell_centres, concentration, masked_mean, query_mask)
 from configs.schema import StabilityConfig
 from losses.stability import StabilityLoss
 
@@ -64,6 +66,44 @@ def test_fused_moments_match_explicit_matrix_version():
     mu_f, var_f = attention_moments(q, k, 0.3, (7, 3), 2)
     mu_e, var_e = attention_moments_explicit(q, k, 0.3, (7, 3), 2)
     assert torch.allclose(mu_f, mu_e, atol=1e-6) and torch.allclose(var_f, var_e, atol=1e-6)
+
+
+@pytest.mark.parametrize("extra,d", [(0, 8), (2, 5)])
+def test_moments_inside_the_layer_attention_equal_plain_attention_and_explicit_formulas(extra, d):
+    """One SDPA call with the coordinates as extra value columns: the layer output is plain
+    attention (over all keys, extra tokens included), the moments are the grid-only ones."""
+    q, k = _qk(b=2, heads=3, grid=(6, 5), ref=(7, 3), extra=extra, d=d)
+    v = torch.randn(k.shape, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    scale = d ** -0.5
+    out, mu, var = attention_with_moments(q, k, v, None, scale, (7, 3), extra)
+    plain = F.scaled_dot_product_attention(q, k, v)
+    mu_e, var_e = attention_moments_explicit(q, k, scale, (7, 3), extra)
+    assert out.shape == plain.shape
+    assert torch.allclose(out, plain, atol=1e-6)
+    assert torch.allclose(mu, mu_e, atol=1e-5) and torch.allclose(var, var_e, atol=1e-5)
+    # Gradients of a loss on the output and on both statistics, w.r.t. q, k and v.
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+    folded = (out * w).sum() + var.sum() + mu.square().sum()
+    separate = (plain * w).sum() + var_e.sum() + mu_e.square().sum()
+    for a, b in zip(torch.autograd.grad(folded, (q, k, v)), torch.autograd.grad(separate, (q, k, v))):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+
+def test_moments_inside_attention_in_bfloat16_stay_close_to_float32():
+    """Centred coordinates keep E||p||^2 - ||mu||^2 usable in bf16 autocast precision."""
+    q, k = _qk(b=1, heads=2, grid=(8, 6), ref=(8, 6), extra=0, d=16)
+    v = torch.randn(k.shape)
+    _, mu, var = attention_with_moments(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, 0.25, (8, 6))
+    mu_e, var_e = attention_moments_explicit(q, k, 0.25, (8, 6))
+    assert mu.dtype == var.dtype == torch.float32
+    assert (var - var_e).abs().max() < 0.02 * var_e.max()  # bf16 keeps 8 bits: compare at ~1 %
+    assert (mu - mu_e).abs().max() < 0.01
+
+
+def test_moments_refuse_keys_that_do_not_match_the_grid():
+    q, k = _qk(ref=(5, 4), extra=1)
+    with pytest.raises(ValueError, match="21 keys but reference_grid \\(4, 4\\) has 16 cells"):
+        attention_with_moments(q, k, k, None, 0.4, (4, 4), 1)
 
 
 def test_atv_equals_explicit_neighbour_sum_and_gradients():
@@ -155,7 +195,7 @@ def test_timestep_window_and_warmup():
     # only sample 0 (t=100 < 500) counts
     only0 = StabilityLoss(StabilityConfig(dispersion=1.0))(
         {n: _Last(s.query[:1], s.key[:1], s.grid) for n, s in stats.items()}, None)[0]
-    assert float(late) == pytest.approx(float(only0), rel=1e-5)
+    assert float(late.detach()) == pytest.approx(float(only0.detach()), rel=1e-5)
 
 
 def test_nan_in_statistic_names_the_layer():

@@ -25,11 +25,12 @@ from losses.stability import StabilityLoss
 class MonitorHooks:
     def __init__(self, model, monitor_cfg: MonitorConfig, stability_cfg: StabilityConfig) -> None:
         self.cfg = monitor_cfg
-        # keep_last: the q/k of the last forward (which autograd holds for backward anyway)
-        # feed the fused dispersion; maps are only recorded inside `recording()`.
+        # moments: every monitored layer computes its attention centres and dispersion inside its
+        # own attention call, for the stability loss and the per-step dispersion metrics; maps are
+        # only recorded inside `recording()`.
         self.monitor = AttentionMonitor(model.unet, reference_grid=model.reference_grid,
                                         extra_tokens=model.extra_tokens, layers=monitor_cfg.layers,
-                                        chunk_size=monitor_cfg.chunk_size, keep_last=True, record=False)
+                                        chunk_size=monitor_cfg.chunk_size, moments=True, record=False)
         self.loss = StabilityLoss(stability_cfg, monitored=self.monitor.layers)
         self.steps_observed = 0
 

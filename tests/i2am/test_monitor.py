@@ -232,3 +232,34 @@ def test_last_attention_keeps_graph(tiny_unet, cross_names):
     assert grad_q.abs().sum() > 0
     inner = last[[n for n in cross_names if n.startswith("mid_block")][0]]
     assert inner.grid == (6, 5)
+
+
+def test_moments_come_from_the_layer_attention_call(tiny_unet, cross_names):
+    """moments=True: each layer's own attention call yields its centres and dispersion; the
+    UNet output stays the plain one; a layer on another processor falls back to None."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from i2am.dispersion import attention_moments
+
+    x, c = _inputs()
+    with torch.no_grad():
+        plain = tiny_unet(x, 200, c).sample
+    with AttentionMonitor(tiny_unet, REF, moments=True, record=False) as mon:
+        out = tiny_unet(x, 200, c).sample
+        last = mon.last_attention()
+    torch.testing.assert_close(out, plain, atol=1e-5, rtol=0)
+    assert list(last) == cross_names
+    for s in last.values():
+        mu, var = attention_moments(s.query, s.key, s.scale, s.reference_grid, s.extra_tokens)
+        assert s.var.requires_grad and s.var.shape == s.query.shape[:3]
+        torch.testing.assert_close(s.var, var, atol=1e-5, rtol=0)
+        torch.testing.assert_close(s.mu, mu, atol=1e-5, rtol=0)
+    original = dict(tiny_unet.attn_processors)
+    tiny_unet.set_attn_processor({n: (AttnProcessor() if n == cross_names[0] else p) for n, p in original.items()})
+    try:
+        with AttentionMonitor(tiny_unet, REF, moments=True, record=False) as mon:
+            tiny_unet(x, 200, c)
+            last = mon.last_attention()
+    finally:
+        tiny_unet.set_attn_processor(original)
+    assert last[cross_names[0]].var is None and last[cross_names[1]].var is not None
