@@ -58,9 +58,13 @@ def test_resume_continues_exactly(tmp_path):
     assert ckpt.name == "checkpoint-0000003"
     torch.manual_seed(999)  # a resumed process must not depend on leftover global RNG state
     resumed = Trainer(load_config(overrides=tiny_overrides(tmp_path / "b", **common, **{"train.resume": "latest"})))
-    resumed.fit()
+    summary = resumed.fit()
 
     assert resumed.history[0]["step"] == 4
+    # The run's training time adds up over both invocations (what the checkpoint recorded).
+    recorded = json.loads((ckpt / "train_state.json").read_text())["train_seconds"]
+    assert 0 < recorded <= part.train_seconds
+    assert resumed.train_seconds - recorded == pytest.approx(summary["seconds"], abs=0.06)
     losses_full = {h["step"]: h["loss/diffusion"] for h in full.history}
     for h in resumed.history:
         assert h["loss/diffusion"] == pytest.approx(losses_full[h["step"]], rel=1e-5, abs=1e-7), h["step"]

@@ -1,10 +1,11 @@
 """The paper's debugging experiment: train arms with the same seed, data and steps,
 evaluate them on the same held-out samples, write one markdown table and a figure.
 
-    python -m train.experiment configs/experiments/baseline.yaml configs/experiments/refined.yaml \
+    python -m train.experiment configs/experiments/baseline.yaml configs/experiments/refined.yaml [more arms] \
         [--out runs/stability] [--eval-samples 64] [key=value ...]
 
-Overrides apply to every arm (e.g. `train.max_steps=300` for a quicker look).
+Overrides apply to every arm (e.g. `train.max_steps=300` for a quicker look;
+`train.resume=latest` re-evaluates arms already trained).
 """
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from configs import load_config
 
 
 def evaluate_arm(trainer, num_samples: int, batch_size: int = 16) -> tuple[dict[str, float], tuple]:
-    """Colour/pixel error, SSIM and IMACS on `num_samples` test samples (EMA weights,
-    fixed noise), the dispersion logged over the last training interval, and the
-    first batch's (maps, batch, generated) for the comparison figure."""
+    """Colour/pixel error, SSIM, IMACS and dispersion on `num_samples` test samples (EMA
+    weights, fixed noise), and the first batch's (maps, batch, generated) for the
+    comparison figure. Dispersion is measured as in training (masked, every monitored
+    layer) on one noised forward per batch at seeded timesteps."""
     from i2am.report import imacs_per_sample
     from models.sampling import sample_tryon
     from train.data import build_dataset
@@ -31,7 +33,8 @@ def evaluate_arm(trainer, num_samples: int, batch_size: int = 16) -> tuple[dict[
 
     cfg, model, hooks = trainer.cfg, trainer.unwrapped, trainer.hooks
     dataset = build_dataset(cfg.data, "test", num_samples=num_samples)
-    rows: dict[str, list[float]] = {"colour_error": [], "pixel_error": [], "ssim": [], "imacs_g": [], "imacs_r": []}
+    rows: dict[str, list[float]] = {"colour_error": [], "pixel_error": [], "ssim": [], "imacs_g": [], "imacs_r": [],
+                                    "dispersion": []}
     first_maps = None
     with trainer.ema_weights(), torch.no_grad():
         model.eval()
@@ -50,12 +53,23 @@ def evaluate_arm(trainer, num_samples: int, batch_size: int = 16) -> tuple[dict[
             rows["imacs_g"] += [v for v in imacs_per_sample(maps.unified("r2g").cpu(), batch["mask"]) if v is not None]
             rows["imacs_r"] += [v for v in imacs_per_sample(maps.unified("g2r").cpu(), batch["garment_mask"])
                                 if v is not None]
+            rows["dispersion"].append(_held_out_dispersion(trainer, batch, gen))
     result = {k: float(np.mean(v)) for k, v in rows.items()}
-    logged = [h for h in trainer.history if "i2am/dispersion/mean" in h]
-    result["dispersion"] = logged[-1]["i2am/dispersion/mean"] if logged else float("nan")
     result["steps"] = trainer.step
     result["minutes"] = round(trainer.train_seconds / 60, 2)
     return result, first_maps
+
+
+def _held_out_dispersion(trainer, batch, gen: torch.Generator) -> float:
+    model, hooks = trainer.unwrapped, trainer.hooks
+    latents = model.codec.encode(batch["person"])
+    t = torch.randint(0, trainer.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+    noise = torch.randn(latents.shape, generator=gen).to(latents.device)
+    t = t.to(latents.device)
+    noisy = trainer.noise_scheduler.add_noise(latents, noise, t)
+    model(noisy, t, model.condition(batch), batch["garment"])
+    _, metrics = hooks.loss(hooks.monitor.last_attention(), model.codec.latent_mask(batch["mask"]), t)
+    return float(metrics["i2am/dispersion/mean"])
 
 
 def _u8(image: torch.Tensor) -> np.ndarray:

@@ -78,6 +78,9 @@ class Trainer:
                                    cfg.diffusion.sample_steps, cfg.diffusion.guidance_scale, seed=tc.seed)
         self.step = 0
         self.samples_seen = 0
+        # Training time of earlier invocations (restored on resume), so a run's time adds up.
+        self.seconds_before = 0.0
+        self._fit_start = time.time()
         self.first_val_error: float | None = None
         self.last_val_error: float | None = None
         self.history: list[dict[str, float]] = []  # what was logged, step by step
@@ -103,7 +106,8 @@ class Trainer:
     def _write_extras(self, directory: Path) -> None:
         (directory / "config.yaml").write_text(to_yaml(self.cfg))
         (directory / "train_state.json").write_text(json.dumps(
-            {"step": self.step, "samples_seen": self.samples_seen, "num_processes": self.accelerator.num_processes}))
+            {"step": self.step, "samples_seen": self.samples_seen, "num_processes": self.accelerator.num_processes,
+             "train_seconds": self.seconds_before + time.time() - self._fit_start}))
         if self.ema is not None:
             save_file({f"shadow.{i}": p.detach().contiguous().cpu() for i, p in enumerate(self.ema.shadow_params)},
                       str(directory / "ema.safetensors"))
@@ -130,6 +134,7 @@ class Trainer:
         self.accelerator.load_state(str(path))
         state = json.loads((path / "train_state.json").read_text())
         self.step, self.samples_seen = state["step"], state["samples_seen"]
+        self.seconds_before = float(state.get("train_seconds", 0.0))
         if self.ema is not None:
             shadow = load_file(str(path / "ema.safetensors"))
             self.ema.shadow_params = [shadow[f"shadow.{i}"].to(self.accelerator.device) for i in range(len(shadow))]
@@ -236,6 +241,7 @@ class Trainer:
             self.first_val_pixel_error = self.val_history[-1].get("val/pixel_error") if self.val_history else None
 
         start, interval_start, interval_samples = time.time(), time.time(), 0
+        self._fit_start = start
         sums: dict[str, torch.Tensor] = {}
         n_logged, nan_streak, last_loss = 0, 0, float("nan")
         in_main_thread = threading.current_thread() is threading.main_thread()
@@ -301,7 +307,7 @@ class Trainer:
 
     def _finish(self, seconds: float, last_loss: float) -> dict:
         acc = self.accelerator
-        self.train_seconds = seconds
+        self.train_seconds = self.seconds_before + seconds  # over every invocation of this run
         summary = {
             "steps": self.step, "seconds": round(seconds, 1), "final_loss": last_loss,
             "stopped_early": self._stop_reason or None,
