@@ -22,11 +22,10 @@ reduced SD-like UNet with the same layer count, grid and tokens (channels
 64/128/256/256, batch 1). Weights are random; cost does not depend on them.
 Each size runs in its own process. Time: the modes take turns step by step for
 `--steps` × `--repeats` rounds; each mode's median step, with the normal
-allocator. Peak memory
-afterwards, one step per mode, as in bench/monitor.py (CUDA:
-max_memory_allocated; CPU: resident-set high-water mark with glibc's mmap
-threshold lowered so freed tensors leave the RSS; that slows allocation,
-which is why it is not in the timed loop).
+allocator. Peak memory afterwards, one step per mode, lowest of `--repeats`, as
+in bench/monitor.py (CUDA: max_memory_allocated; CPU: resident-set high-water
+mark with glibc's mmap threshold lowered so freed tensors leave the RSS; that
+slows allocation, which is why it is not in the timed loop).
 """
 from __future__ import annotations
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 import torch.nn.functional as F
 
 from i2am.dispersion import (atv, attention_moments, attention_moments_explicit, attention_with_moments,

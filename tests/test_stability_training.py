@@ -11,16 +11,10 @@ from train import Trainer
 
 def _fixed_batch_dispersion(trainer: Trainer) -> float:
     """Mean dispersion over all monitored layers on a fixed batch, noise and timesteps."""
-    model = trainer.unwrapped
+    from train.experiment import held_out_dispersion
+
     batch = torch.utils.data.default_collate([trainer.val_set[i] for i in range(len(trainer.val_set))])
-    with torch.no_grad():
-        latents = model.codec.encode(batch["person"])
-        g = torch.Generator().manual_seed(0)
-        t = torch.randint(0, 1000, (latents.shape[0],), generator=g)
-        noisy = trainer.noise_scheduler.add_noise(latents, torch.randn(latents.shape, generator=g), t)
-        model(noisy, t, model.condition(batch), batch["garment"])
-        _, metrics = trainer.hooks.step_loss(model.codec.latent_mask(batch["mask"]), t, step=10**9)
-    return float(metrics["i2am/dispersion/mean"])
+    return held_out_dispersion(trainer, batch, torch.Generator().manual_seed(0))
 
 
 @pytest.mark.slow

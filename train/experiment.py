@@ -53,23 +53,25 @@ def evaluate_arm(trainer, num_samples: int, batch_size: int = 16) -> tuple[dict[
             rows["imacs_g"] += [v for v in imacs_per_sample(maps.unified("r2g").cpu(), batch["mask"]) if v is not None]
             rows["imacs_r"] += [v for v in imacs_per_sample(maps.unified("g2r").cpu(), batch["garment_mask"])
                                 if v is not None]
-            rows["dispersion"].append(_held_out_dispersion(trainer, batch, gen))
+            rows["dispersion"].append(held_out_dispersion(trainer, batch, gen))
     result = {k: float(np.mean(v)) for k, v in rows.items()}
     result["steps"] = trainer.step
     result["minutes"] = round(trainer.train_seconds / 60, 2)
     return result, first_maps
 
 
-def _held_out_dispersion(trainer, batch, gen: torch.Generator) -> float:
-    model, hooks = trainer.unwrapped, trainer.hooks
+@torch.no_grad()
+def held_out_dispersion(trainer, batch, gen: torch.Generator) -> float:
+    """Mean attention dispersion (masked, every monitored layer) of one noised forward of
+    `batch` at timesteps and noise drawn from `gen`."""
+    model = trainer.unwrapped
     latents = model.codec.encode(batch["person"])
     t = torch.randint(0, trainer.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
     noise = torch.randn(latents.shape, generator=gen).to(latents.device)
     t = t.to(latents.device)
     noisy = trainer.noise_scheduler.add_noise(latents, noise, t)
     model(noisy, t, model.condition(batch), batch["garment"])
-    _, metrics = hooks.loss(hooks.monitor.last_attention(), model.codec.latent_mask(batch["mask"]), t)
-    return float(metrics["i2am/dispersion/mean"])
+    return trainer.hooks.dispersion(model.codec.latent_mask(batch["mask"]), t)
 
 
 def _u8(image: torch.Tensor) -> np.ndarray:

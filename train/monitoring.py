@@ -1,7 +1,9 @@
-"""The I²AM monitor as the trainer sees it: four calls and a state_dict.
+"""The I²AM monitor as the trainer sees it: five calls and a state_dict.
 
 - `step_loss(latent_mask, timesteps, step)` after each forward: the stability
   loss and per-layer dispersion from the monitor's last forward pass;
+- `dispersion(latent_mask, timesteps)`: the mean dispersion of the last forward,
+  as an evaluation reading (not counted as a training step);
 - `recording(num_steps, doubled_batch)`: a context in which sampling is recorded;
 - `report(batch, generated, colour_errors)`: IMACS, figures and table rows for the recorded sampling;
 - `state_dict()` / `load_state_dict()`: checkpointed with the run.
@@ -39,6 +41,11 @@ class MonitorHooks:
         loss, metrics = self.loss(self.monitor.last_attention(), latent_mask, timesteps, step)
         self.steps_observed += 1
         return loss, metrics
+
+    def dispersion(self, latent_mask: torch.Tensor | None, timesteps: torch.Tensor | None) -> float:
+        """Mean dispersion over every monitored layer of the last forward (masked, as logged in training)."""
+        _, metrics = self.loss(self.monitor.last_attention(), latent_mask, timesteps)
+        return float(metrics["i2am/dispersion/mean"])
 
     @contextlib.contextmanager
     def recording(self, num_steps: int, doubled_batch: bool) -> Iterator[None]:
