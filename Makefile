@@ -42,5 +42,5 @@ bench: $(STAMP)
 
 # The stability-loss experiment: baseline vs three refined arms, same seed and steps -> a markdown table.
 experiment: $(STAMP)
-	$(PY) -m train.experiment configs/experiments/baseline.yaml configs/experiments/refined.yaml \
+	$(PY) -m apps.experiment configs/experiments/baseline.yaml configs/experiments/refined.yaml \
 		configs/experiments/finetune.yaml configs/experiments/concentration.yaml $(ARGS)

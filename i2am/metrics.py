@@ -41,3 +41,26 @@ def imacs(map: torch.Tensor, mask: torch.Tensor, penalty: float = 3.0) -> torch.
     kf = k.flatten(1).float()
     score = (norm * kf).sum(1) / inside - penalty * (norm * (1 - kf)).sum(1) / outside
     return score[0] if single else score
+
+
+def mask_to_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A (B, 1, H, W) {0, 1} mask -> (B, h, w) booleans on a map's grid: a cell is
+    inside when at least half of it is (area-average, then >= 0.5)."""
+    return F.interpolate(mask.float(), size=tuple(grid), mode="area")[:, 0] >= 0.5
+
+
+def imacs_per_sample(maps: torch.Tensor, mask: torch.Tensor, penalty: float = 3.0) -> list[float | None]:
+    """IMACS of each map (B, h, w) against its mask (B, 1, H, W) brought to the map's
+    grid; None where the mask is empty or full on that grid (IMACS is undefined there)."""
+    grid_mask = mask_to_grid(mask.to(maps.device), tuple(maps.shape[-2:]))
+    return [float(imacs(m, k, penalty)) if k.any() and (~k).any() else None for m, k in zip(maps, grid_mask)]
+
+
+def top_cells(r2g: torch.Tensor, mask_grid: torch.Tensor, k: int) -> list[tuple[int, int]]:
+    """The k highest-R2G cells inside the mask: the generated patches the garment
+    influenced most, the natural places to ask 'where did this come from?'."""
+    scores = torch.where(mask_grid, r2g, torch.full_like(r2g, -torch.inf)).flatten()
+    k = min(k, int(mask_grid.sum()))
+    idx = torch.topk(scores, k).indices.tolist() if k > 0 else []
+    w = r2g.shape[-1]
+    return [(i // w, i % w) for i in idx]

@@ -2,39 +2,15 @@
 figures for every map level (used at validation and by the analysis tools)."""
 from __future__ import annotations
 
-import re
 from typing import Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import render
 from .maps import AttributionMaps
-from .metrics import imacs
-
-
-def mask_to_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """A (B, 1, H, W) {0, 1} mask -> (B, h, w) booleans on a map's grid: a cell is
-    inside when at least half of it is (area-average, then >= 0.5)."""
-    return F.interpolate(mask.float(), size=tuple(grid), mode="area")[:, 0] >= 0.5
-
-
-def imacs_per_sample(maps: torch.Tensor, mask: torch.Tensor, penalty: float = 3.0) -> list[float | None]:
-    """IMACS of each map (B, h, w) against its mask (B, 1, H, W) brought to the map's
-    grid; None where the mask is empty or full on that grid (IMACS is undefined there)."""
-    grid_mask = mask_to_grid(mask.to(maps.device), tuple(maps.shape[-2:]))
-    return [float(imacs(m, k, penalty)) if k.any() and (~k).any() else None for m, k in zip(maps, grid_mask)]
-
-
-def top_cells(r2g: torch.Tensor, mask_grid: torch.Tensor, k: int) -> list[tuple[int, int]]:
-    """The k highest-R2G cells inside the mask: the generated patches the garment
-    influenced most, the natural places to ask 'where did this come from?'."""
-    scores = torch.where(mask_grid, r2g, torch.full_like(r2g, -torch.inf)).flatten()
-    k = min(k, int(mask_grid.sum()))
-    idx = torch.topk(scores, k).indices.tolist() if k > 0 else []
-    w = r2g.shape[-1]
-    return [(i // w, i % w) for i in idx]
+from .metrics import imacs_per_sample, mask_to_grid, top_cells
+from .names import short_name
 
 
 def _unified_scored(maps: AttributionMaps, batch: Mapping[str, torch.Tensor]
@@ -47,15 +23,6 @@ def _unified_scored(maps: AttributionMaps, batch: Mapping[str, torch.Tensor]
 def _mean(values: list[float | None]) -> float:
     vals = [v for v in values if v is not None]
     return float(np.mean(vals)) if vals else float("nan")
-
-
-def short_name(name: str) -> str:
-    """`up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor` -> `up1.0`: readable keys and titles."""
-    m = re.match(r"(down|up)_blocks\.(\d+)\.attentions\.(\d+)", name)
-    if m:
-        return f"{m.group(1)}{m.group(2)}.{m.group(3)}"
-    m = re.match(r"mid_block\.attentions\.(\d+)", name)
-    return f"mid.{m.group(1)}" if m else name.removesuffix(".processor")
 
 
 def attribution_report(maps: AttributionMaps, batch: Mapping[str, torch.Tensor], generated: torch.Tensor,

@@ -24,7 +24,7 @@ import torch
 
 from configs.schema import StabilityConfig
 
-from i2am.report import short_name
+from i2am.names import short_name
 from i2am.dispersion import (atv, attention_moments, attention_moments_explicit, concentration, masked_mean,
                              query_mask)
 

@@ -100,7 +100,7 @@ CHECKPOINT_ARGS = dict(steps=2, seed=3, patch="5,4")
 @functools.cache
 def analysed_checkpoint(base: Path) -> tuple[Path, str]:
     """``python -m i2am analyze`` on the tiny run: (out dir, what it printed)."""
-    from i2am.__main__ import main
+    from apps.cli import main
 
     p = photos(base)
     out = base / "analysis_ckpt"

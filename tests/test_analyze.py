@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from i2am import AttentionMonitor, AttributionMaps, trace
-from i2am.photos import Letterbox, PhotoError, load_inputs, open_photo
+from apps.photos import Letterbox, PhotoError, load_inputs, open_photo
 from tests.analyze_data import (CHECKPOINT_ARGS, INPAINT_RES, PERSON_SIZE, analysed_checkpoint, photos,
                                 tiny_pipeline, tiny_run)
 
@@ -118,7 +118,7 @@ def test_photos_are_upright_rgb_and_letterboxed(pics):
 
 
 def test_missing_mask_is_a_clear_error(pics, capsys):
-    from i2am.__main__ import main
+    from apps.cli import main
 
     rc = main(["analyze", "/nonexistent/run", "--person", str(pics["person"]), "--garment",
                str(pics["garment_grey"]), "--out", "/nonexistent/out"])
@@ -190,7 +190,7 @@ def test_checkpoint_analysis_outputs(base, pics):
 # ---------------------------------------------------------------------------- pipelines
 @pytest.mark.parametrize("kind", ["inpaint", "pbe"])
 def test_pipeline_analysis_outputs(kind, base, pics):
-    from i2am.__main__ import main
+    from apps.cli import main
 
     directory, pipe = tiny_pipeline(base, kind)
     out = base / f"analysis_{kind}"

@@ -11,7 +11,7 @@ from train import Trainer
 
 def _fixed_batch_dispersion(trainer: Trainer) -> float:
     """Mean dispersion over all monitored layers on a fixed batch, noise and timesteps."""
-    from train.experiment import held_out_dispersion
+    from apps.experiment import held_out_dispersion
 
     batch = torch.utils.data.default_collate([trainer.val_set[i] for i in range(len(trainer.val_set))])
     return held_out_dispersion(trainer, batch, torch.Generator().manual_seed(0))
@@ -63,7 +63,7 @@ def test_monitor_leaves_training_loss_unchanged(tmp_path):
 def test_experiment_runner_writes_one_table_for_both_arms(tmp_path):
     import json
 
-    from train.experiment import main
+    from apps.experiment import main
 
     overrides = [o for o in tiny_overrides(tmp_path, **{"train.max_steps": 2}) if not o.startswith("train.output_dir")]
     code = main(["configs/experiments/baseline.yaml", "configs/experiments/refined.yaml", "--out", str(tmp_path / "exp"),

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 # IMACS helpers: one implementation, shared with training and `python -m i2am analyze`.
-from i2am.report import imacs_per_sample, mask_to_grid  # noqa: F401
+from i2am.metrics import imacs_per_sample, mask_to_grid  # noqa: F401
 
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
 

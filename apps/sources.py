@@ -18,7 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .maps import AttributionMaps
+from i2am.maps import AttributionMaps
+
 from .photos import Size, TryOnInputs, to_pil
 
 PIPELINES = ("StableDiffusionInpaintPipeline", "PaintByExamplePipeline")
@@ -69,7 +70,7 @@ class CheckpointSource:
         from losses import build_train_scheduler
         from models.sampling import build_sample_scheduler, sample_tryon
 
-        from .monitor import AttentionMonitor
+        from i2am import AttentionMonitor
 
         model, d = self.loaded.model, self.loaded.cfg.diffusion
         scheduler = build_sample_scheduler(build_train_scheduler(d.num_train_timesteps, d.beta_schedule,
@@ -160,7 +161,7 @@ class PipelineSource:
 
     def run(self, inputs: TryOnInputs, *, steps: int, seed: int, guidance_scale: float, time_groups: int,
             progress: bool, prompt: str) -> RunOutput:
-        from .trace import trace
+        from i2am import trace
 
         self.pipe.set_progress_bar_config(disable=not progress, desc="sampling")
         # num_steps=None: one time bin per UNet call, since some schedulers (PNDM) call it more often

@@ -1,7 +1,7 @@
 """The paper's debugging experiment: train arms with the same seed, data and steps,
 evaluate them on the same held-out samples, write one markdown table and a figure.
 
-    python -m train.experiment configs/experiments/baseline.yaml configs/experiments/refined.yaml [more arms] \
+    python -m apps.experiment configs/experiments/baseline.yaml configs/experiments/refined.yaml [more arms] \
         [--out runs/stability] [--eval-samples 64] [key=value ...]
 
 Overrides apply to every arm (e.g. `train.max_steps=300` for a quicker look;
@@ -25,7 +25,7 @@ def evaluate_arm(trainer, num_samples: int, batch_size: int = 16) -> tuple[dict[
     weights, fixed noise), and the first batch's (maps, batch, generated) for the
     comparison figure. Dispersion is measured as in training (masked, every monitored
     layer) on one noised forward per batch at seeded timesteps."""
-    from i2am.report import imacs_per_sample
+    from i2am.metrics import imacs_per_sample
     from models.sampling import sample_tryon
     from train.data import build_dataset
     from tryon_data import colour_error, pixel_error

@@ -29,10 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import render
-from .maps import AttributionMaps
+from i2am import render
+from i2am.maps import AttributionMaps
+from i2am.metrics import imacs_per_sample, mask_to_grid, top_cells
+from i2am.names import short_name
+
 from .photos import PhotoError, Size, TryOnInputs, load_inputs, open_photo, result_to_original, to_pil, to_tensor
-from .report import imacs_per_sample, mask_to_grid, short_name, top_cells
 from .sources import DEFAULT_PROMPT, AnalyzeError, RunOutput, open_source
 
 Cell = tuple[int, int]
