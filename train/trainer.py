@@ -65,7 +65,8 @@ class Trainer:
         params = model.trainable_parameters()
         optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                       eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-        # A prepared scheduler steps once per process per optimizer step (see notes/stack.md).
+        # accelerate's prepared scheduler steps the wrapped one num_processes times per optimizer
+        # step (split_batches=False), so warm-up and length are counted in process-steps.
         lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer,
                                      num_warmup_steps=cfg.optim.warmup_steps * acc.num_processes,
                                      num_training_steps=tc.max_steps * acc.num_processes)
