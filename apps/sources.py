@@ -50,7 +50,7 @@ class CheckpointSource:
     kind = "checkpoint"
 
     def __init__(self, path: str | Path, overrides: Sequence[str], device: str) -> None:
-        from tryon_eval.generate import load_checkpoint
+        from train.checkpoint import load_checkpoint
 
         self.loaded = load_checkpoint(path, overrides, device)
         self.device = device
@@ -197,9 +197,9 @@ def open_source(path: str | Path, *, overrides: Sequence[str] = (), device: str 
     if resolution is not None:
         raise AnalyzeError("--resolution applies to diffusers pipelines; a checkpoint runs at its "
                            "training resolution (data.resolution)")
-    from tryon_eval.generate import EvalError
+    from train.checkpoint import CheckpointError
 
     try:
         return CheckpointSource(p, overrides, device)
-    except EvalError as err:
+    except CheckpointError as err:
         raise AnalyzeError(f"{err}; or a diffusers pipeline directory (model_index.json)") from err

@@ -151,8 +151,3 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def from_yaml_file(path: str | Path) -> Config:
-    """Reload a resolved config saved in a run directory or checkpoint."""
-    return load_config(files=[path])

@@ -2,8 +2,8 @@
 
 OmegaConf turns these into structured configs, so a typo in a YAML file or on
 the command line fails at parse time with the key's name instead of deep inside
-training. Every field has a default: `configs/default.yaml` only states what the
-embedded default run wants to make explicit.
+training. Every field has a default; `configs/default.yaml` states only where the
+embedded default run differs from them.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class DataConfig:
     patterns: List[str] = field(default_factory=lambda: ["solid", "stripes", "checks", "dots"])
     pattern_probs: Optional[List[float]] = None
     # viton_hd / dresscode only (tryon_data.viton_hd, tryon_data.dresscode):
-    category: str = "all"  # dresscode: "all", or one of upper_body, lower_body, dresses
+    category: str = "all"  # dresscode: "all", or upper_body, lower_body, dresses (comma-separated)
     use_pose: bool = False  # also load the densepose rendering as sample["pose"]
     skip_bad: bool = False  # skip (and count) unreadable images instead of stopping
     flip_prob: float = 0.0  # training only: joint horizontal flip of person, garment and masks

@@ -24,8 +24,6 @@ baseline for `bench/step.py`.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -161,7 +159,3 @@ def concentration(query: torch.Tensor, key: torch.Tensor, scale: float, referenc
         d2 = (p.view(1, 1, 1, -1, 2) - mu.unsqueeze(-2)).square().sum(-1)
         parts.append((probs * torch.exp(-d2 / (2 * sigma**2))).sum(-1))
     return torch.cat(parts, dim=-1)
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

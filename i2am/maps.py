@@ -1,6 +1,6 @@
 """AttributionMaps: the five I²AM levels from a recording's raw sums.
 
-Conventions (``shared/notes/i2am-method.md``): per (layer, head) the map is
+Conventions (definitions on the method page, ``docs/method.md``): per (layer, head) the map is
 summed over time, upsampled bicubic (align_corners=False) to the output grid
 and clamped at 0; then means over heads and/or layers. R2G and DAAM land on
 the generated grid (the largest query grid among the monitored layers), G2R on

@@ -69,7 +69,7 @@ class AttentionMonitor:
             ``attn_processors`` / ``set_attn_processor``).
         reference_grid: (h_r, w_r) of the reference tokens after the extra ones.
             ``None`` reads it as a 1 × (N_k − extra_tokens) row at the first call
-            (text prompts, single tokens).
+            after construction or ``reset()`` (text prompts, single tokens).
         extra_tokens: tokens before the grid (e.g. a CLIP CLS token).
         layers: None (every cross-attention layer), a list of processor names
             (with or without the ``.processor`` suffix) or a predicate on names.

@@ -8,7 +8,8 @@ materialises the probabilities, and q/k only exist inside the processor.
 Two ways to produce the layer output:
 
 * the layer ran diffusers' ``AttnProcessor2_0`` (the default): we mirror it op
-  for op, so outputs are bit-identical, and reuse its q/k for recording;
+  for op, so outputs are bit-identical (equal to float rounding when the monitor
+  also computes ``moments`` in that call), and reuse its q/k for recording;
 * any other processor (``AttnProcessor``, a custom or another monitor's): we
   call it untouched for the output and recompute q/k with the same prelude
   (group/spatial norm, projections). That costs one extra q/k projection but

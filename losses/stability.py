@@ -37,7 +37,8 @@ class StabilityLoss:
 
     Weights, layers, window and warm-up come from `StabilityConfig`.
     `layers`: None (every monitored layer), processor names, or resolution
-    levels such as "16x12" (query grid h×w), resolved at the first call.
+    levels such as "16x12" (query grid h×w), matched on every call against the
+    query grids of that call's layers.
     `t_max`: apply only to samples with t < t_max (Leffa applies its loss at
     low noise only); `warmup_steps`: weights are 0 before this optimizer step.
     """

@@ -39,18 +39,15 @@ def _pretrained_dir(path: Path) -> Path:
     return path
 
 
-def build_unet(size: str, in_channels: int, out_channels: int, pretrained: str | None = None,
-               cross_attention_dim: int | None = None) -> UNet2DConditionModel:
+def build_unet(size: str, in_channels: int, out_channels: int, pretrained: str | None = None
+               ) -> UNet2DConditionModel:
     """A UNet taking `in_channels` (noisy latent + condition) and predicting `out_channels`.
 
     With `pretrained`, the directory's weights are loaded and checked against what
     the rest of the model needs, so a mismatch fails here, before training starts.
     """
     if pretrained is None:
-        kwargs = unet_size(size)
-        if cross_attention_dim is not None:
-            kwargs["cross_attention_dim"] = cross_attention_dim
-        return UNet2DConditionModel(in_channels=in_channels, out_channels=out_channels, **kwargs)
+        return UNet2DConditionModel(in_channels=in_channels, out_channels=out_channels, **unet_size(size))
 
     path = _pretrained_dir(Path(pretrained))
     config = UNet2DConditionModel.load_config(path)
@@ -59,12 +56,10 @@ def build_unet(size: str, in_channels: int, out_channels: int, pretrained: str |
         problems.append(f"out_channels={config['out_channels']} but the codec's latents have {out_channels}")
     if config["in_channels"] > in_channels:
         problems.append(f"in_channels={config['in_channels']} but the inputs (latent + condition) have {in_channels}")
-    if cross_attention_dim is not None and config["cross_attention_dim"] != cross_attention_dim:
-        problems.append(f"cross_attention_dim={config['cross_attention_dim']} but the garment tokens have {cross_attention_dim}")
     if problems:
         raise ModelConfigError(
             f"pretrained UNet at {path} does not fit the configured model: " + "; ".join(problems)
-            + ". Check model.codec (latent channels), model.unet.use_pose and model.garment."
+            + ". Check model.codec (latent channels) and model.unet.use_pose."
         )
     unet = UNet2DConditionModel.from_pretrained(path, local_files_only=True)
     return widen_conv_in(unet, in_channels)

@@ -128,6 +128,13 @@ def test_missing_mask_is_a_clear_error(pics, capsys):
         load_inputs((32, 24), pics["garment_grey"], pics["coffee_mask"], person=pics["person"])
 
 
+def test_a_folder_that_is_no_checkpoint_is_a_clear_error(tmp_path):
+    from apps.sources import AnalyzeError, open_source
+
+    with pytest.raises(AnalyzeError, match="neither a checkpoint .* or a diffusers pipeline"):
+        open_source(tmp_path)
+
+
 def test_help_runs_as_a_module():
     r = subprocess.run([sys.executable, "-m", "i2am", "analyze", "--help"], capture_output=True, text=True,
                        timeout=120, cwd=Path(__file__).parents[1])
@@ -139,7 +146,7 @@ def test_help_runs_as_a_module():
 def test_checkpoint_analysis_outputs(base, pics):
     from losses import build_train_scheduler
     from models.sampling import build_sample_scheduler, sample_tryon
-    from tryon_eval.generate import load_checkpoint
+    from train.checkpoint import load_checkpoint
 
     out, printed = analysed_checkpoint(base)
     summary = json.loads((out / "summary.json").read_text())

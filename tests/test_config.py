@@ -13,6 +13,23 @@ def test_default_config_is_the_embedded_default():
     assert cfg.diffusion.prediction_type == "v_prediction"
 
 
+def test_default_yaml_states_only_what_differs_from_the_schema():
+    from omegaconf import OmegaConf
+
+    from configs.loader import DEFAULT_CONFIG
+    from configs.schema import Config
+
+    schema = OmegaConf.structured(Config)
+    stated = OmegaConf.to_container(OmegaConf.load(DEFAULT_CONFIG))
+
+    def leaves(node, prefix=""):
+        for k, v in node.items():
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+
+    same = [key for key, value in leaves(stated) if OmegaConf.select(schema, key) == value]
+    assert not same, f"default.yaml restates schema defaults: {same}"
+
+
 def test_overrides_are_typed():
     cfg = load_config(overrides=["train.max_steps=7", "optim.lr=3e-4", "data.resolution=[64,48]"])
     assert cfg.train.max_steps == 7 and isinstance(cfg.train.max_steps, int)

@@ -145,13 +145,28 @@ def test_missing_inception_fails_before_generating(run_dir, tmp_path, capsys, mo
     assert "alexnet-owt-7be5be79.pth" in capsys.readouterr().err and not out.exists()
 
 
-def test_checkpoint_resolution(run_dir, tmp_path):
-    from tryon_eval.generate import EvalError, resolve_checkpoint
+def test_checkpoint_resolution(run_dir, tmp_path, capsys):
+    from train.checkpoint import CheckpointError, resolve_checkpoint
+    from tryon_eval.__main__ import main
+    from tryon_eval.detect import main as detect_main
+    from tryon_eval.generate import EvalError
 
     ckpt = resolve_checkpoint(run_dir)
     assert ckpt.name == "checkpoint-0000002" and resolve_checkpoint(ckpt) == ckpt
-    with pytest.raises(EvalError, match="neither a checkpoint"):
+    with pytest.raises(CheckpointError, match="neither a checkpoint"):
         resolve_checkpoint(tmp_path)
+    (tmp_path / "empty_run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        resolve_checkpoint(tmp_path / "empty_run")
+    # Both CLIs turn it into a one-line error; `evaluate` raises it as an EvalError.
+    assert main([str(tmp_path), *FAST]) == 2
+    assert "neither a checkpoint" in capsys.readouterr().err
+    assert detect_main([str(tmp_path), "--synthetic", "--limit", "1"]) == 2
+    assert "neither a checkpoint" in capsys.readouterr().err
+    from tryon_eval import evaluate
+
+    with pytest.raises(EvalError, match="neither a checkpoint"):
+        evaluate(tmp_path, fid_backend="random", lpips_backend="random", progress=False)
 
 
 def test_detect_cli_on_synthetic_and_coco(run_dir, tmp_path, capsys):

@@ -13,7 +13,7 @@ import torch
 from configs import load_config
 from tests.conftest import tiny_overrides
 from train import Trainer
-from train.checkpoint import list_checkpoints
+from train.checkpoint import list_checkpoints, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,14 +71,21 @@ def test_resume_continues_exactly(tmp_path):
     a, b = _params(full), _params(resumed)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
-    for x, y in zip(full.ema.shadow_params, resumed.ema.shadow_params):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    # The EMA came back through accelerate's load_state (custom_checkpoint_0.pkl): every shadow
+    # tensor and the decay schedule's step, on the training device.
+    assert not list(ckpt.glob("ema*")) and (ckpt / "custom_checkpoint_0.pkl").is_file()
+    assert resumed.ema.optimization_step == full.ema.optimization_step == 6
+    assert len(resumed.ema.shadow_params) == len(full.ema.shadow_params) == len(resumed._params())
+    for i, (x, y) in enumerate(zip(full.ema.shadow_params, resumed.ema.shadow_params)):
+        assert y.device == resumed.accelerator.device
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=f"shadow param {i}")
 
 
 def test_checkpoint_layout_and_limit(tmp_path):
     cfg = load_config(overrides=tiny_overrides(tmp_path, **{"train.max_steps": 4, "train.checkpoint_every": 1,
                                                             "train.checkpoint_limit": 2}))
-    Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    trainer.fit()
     run = tmp_path / "run"
     ckpts = list_checkpoints(run)
     assert [c.name for c in ckpts] == ["checkpoint-0000003", "checkpoint-0000004"]
@@ -86,9 +93,26 @@ def test_checkpoint_layout_and_limit(tmp_path):
     assert (last / "config.yaml").is_file() and (last / "model" / "unet" / "config.json").is_file()
     assert (last / "model" / "garment_encoder.safetensors").is_file()
     assert json.loads((last / "train_state.json").read_text())["step"] == 4
+    # The EMA is one of accelerate's registered objects, not a file of its own.
+    assert (last / "custom_checkpoint_0.pkl").is_file() and not list(last.glob("ema*"))
     assert not list((run / "checkpoints").glob("*.tmp"))
     # The saved resolved config rebuilds the same run.
     assert load_config(files=[last / "config.yaml"]).train.max_steps == 4
+
+    # Loading it for inference (the run directory resolves to its latest checkpoint) gives
+    # the EMA weights, buffers included, in eval mode.
+    loaded = load_checkpoint(run)
+    assert loaded.path == last and loaded.step == 4 and not loaded.model.training
+    assert loaded.cfg.train.max_steps == 4
+    with trainer.ema_weights():
+        want = {k: v.detach().clone() for k, v in trainer.unwrapped.state_dict().items()}
+    got = loaded.model.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    # ... and not the raw training weights (the comparison above could tell them apart).
+    assert any(not torch.equal(got[k], v) for k, v in trainer.unwrapped.state_dict().items())
+    trainer.close()
 
 
 def test_summary_reports_colour_errors(tmp_path):

@@ -1,21 +1,37 @@
-"""Checkpoints: `accelerator.save_state` on every rank, committed atomically.
+"""Checkpoints: written with `accelerator.save_state` on every rank, committed
+atomically; read back for inference with `load_checkpoint`.
 
 A checkpoint is written as `checkpoint-XXXXXXX.tmp/` and renamed only once
 complete, so a crash while saving never leaves a directory that resume would
-pick up half-written. Beside the accelerate state: the resolved config and the
-model (EMA weights) in diffusers/safetensors layout.
+pick up half-written. Beside the accelerate state (model, optimizer, scheduler,
+RNG states and the registered EMA as `custom_checkpoint_0.pkl`): the resolved
+`config.yaml`, `train_state.json` (step, samples seen, training time) and the
+model with the EMA weights in diffusers/safetensors layout (`model/`).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
+import torch
 from accelerate import Accelerator
 
+from configs.schema import Config
+
+if TYPE_CHECKING:
+    from models.tryon import TryOnModel
+
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A path that is not a usable checkpoint; the message says what was expected."""
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -66,3 +82,40 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit: i
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+# ----------------------------------------------------------------------------- loading
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory (config.yaml + model/), or a run directory (its latest checkpoint)."""
+    p = Path(path).expanduser()
+    if (p / "config.yaml").is_file() and (p / "model").is_dir():
+        return p
+    if (p / "checkpoints").is_dir():
+        found = [c for c in list_checkpoints(p) if (c / "model").is_dir()]
+        if not found:
+            raise CheckpointError(f"run directory {p} has no complete checkpoint under {p / 'checkpoints'}")
+        return found[-1]
+    raise CheckpointError(f"{p} is neither a checkpoint (config.yaml + model/) nor a run directory (checkpoints/)")
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    cfg: Config
+    model: TryOnModel  # in eval mode, holding the EMA weights saved with the checkpoint
+    step: int | None
+
+
+def load_checkpoint(path: str | Path, overrides: Sequence[str] = (), device: torch.device | str = "cpu"
+                    ) -> LoadedCheckpoint:
+    """Rebuild the model from the checkpoint's saved config and load its ``model/`` weights
+    (in eval mode). ``overrides`` (dotted key=value) fix what moved since training, e.g. data.root."""
+    from configs.loader import load_config
+    from models.build import load_trained_model
+
+    ckpt = resolve_checkpoint(path)
+    cfg = load_config(files=[ckpt / "config.yaml"], overrides=list(overrides))
+    model = load_trained_model(cfg.model, ckpt / "model").to(device).eval()
+    state = ckpt / "train_state.json"
+    step = json.loads(state.read_text()).get("step") if state.is_file() else None
+    return LoadedCheckpoint(ckpt, cfg, model, step)

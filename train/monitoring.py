@@ -1,12 +1,14 @@
-"""The I²AM monitor as the trainer sees it: five calls and a state_dict.
+"""The I²AM monitor as the trainer sees it: four calls (and `close`).
 
 - `step_loss(latent_mask, timesteps, step)` after each forward: the stability
   loss and per-layer dispersion from the monitor's last forward pass;
 - `dispersion(latent_mask, timesteps)`: the mean dispersion of the last forward,
-  as an evaluation reading (not counted as a training step);
+  as an evaluation reading;
 - `recording(num_steps, doubled_batch)`: a context in which sampling is recorded;
-- `report(batch, generated, colour_errors)`: IMACS, figures and table rows for the recorded sampling;
-- `state_dict()` / `load_state_dict()`: checkpointed with the run.
+- `report(batch, generated, colour_errors)`: IMACS, figures and table rows for the recorded sampling.
+
+It holds no training state of its own (the loss's warm-up reads the step it is given),
+so there is nothing of it to checkpoint.
 
 The monitor never sees the trainer; the trainer never sees processors or maps.
 """
@@ -34,13 +36,10 @@ class MonitorHooks:
                                         extra_tokens=model.extra_tokens, layers=monitor_cfg.layers,
                                         chunk_size=monitor_cfg.chunk_size, moments=True, record=False)
         self.loss = StabilityLoss(stability_cfg, monitored=self.monitor.layers)
-        self.steps_observed = 0
 
     def step_loss(self, latent_mask: torch.Tensor | None, timesteps: torch.Tensor | None,
                   step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss, metrics = self.loss(self.monitor.last_attention(), latent_mask, timesteps, step)
-        self.steps_observed += 1
-        return loss, metrics
+        return self.loss(self.monitor.last_attention(), latent_mask, timesteps, step)
 
     def dispersion(self, latent_mask: torch.Tensor | None, timesteps: torch.Tensor | None) -> float:
         """Mean dispersion over every monitored layer of the last forward (masked, as logged in training)."""
@@ -66,12 +65,6 @@ class MonitorHooks:
         metrics, images = attribution_report(maps, batch, generated, samples=self.cfg.samples,
                                              patches=self.cfg.patches, time_groups=self.cfg.time_groups)
         return metrics, images, sample_rows(maps, batch, generated, colour_errors)
-
-    def state_dict(self) -> dict:
-        return {"steps_observed": self.steps_observed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.steps_observed = int(state.get("steps_observed", 0))
 
     def close(self) -> None:
         self.monitor.close()

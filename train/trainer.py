@@ -22,7 +22,6 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from configs.loader import to_yaml
@@ -66,7 +65,8 @@ class Trainer:
         params = model.trainable_parameters()
         optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                       eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-        # A prepared scheduler steps once per process per optimizer step (see notes/stack.md).
+        # accelerate's prepared scheduler steps the wrapped one num_processes times per optimizer
+        # step (split_batches=False), so warm-up and length are counted in process-steps.
         lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer,
                                      num_warmup_steps=cfg.optim.warmup_steps * acc.num_processes,
                                      num_training_steps=tc.max_steps * acc.num_processes)
@@ -74,6 +74,8 @@ class Trainer:
         self.ema = EMAModel(params, decay=cfg.optim.ema_decay) if cfg.optim.ema_decay else None
         if self.ema is not None:
             self.ema.to(acc.device)
+            # save_state/load_state carry its state_dict (shadow weights, step) as custom_checkpoint_0.pkl
+            acc.register_for_checkpointing(self.ema)
         self.validator = Validator(self.val_set, self.train_set, build_sample_scheduler(self.noise_scheduler),
                                    cfg.diffusion.sample_steps, cfg.diffusion.guidance_scale, seed=tc.seed)
         self.step = 0
@@ -108,12 +110,6 @@ class Trainer:
         (directory / "train_state.json").write_text(json.dumps(
             {"step": self.step, "samples_seen": self.samples_seen, "num_processes": self.accelerator.num_processes,
              "train_seconds": self.seconds_before + time.time() - self._fit_start}))
-        if self.ema is not None:
-            save_file({f"shadow.{i}": p.detach().contiguous().cpu() for i, p in enumerate(self.ema.shadow_params)},
-                      str(directory / "ema.safetensors"))
-            (directory / "ema.json").write_text(json.dumps({"optimization_step": self.ema.optimization_step}))
-        if self.hooks is not None:
-            (directory / "monitor.json").write_text(json.dumps(self.hooks.state_dict()))
         with self.ema_weights():
             self.unwrapped.save_pretrained(directory / "model")
 
@@ -136,11 +132,7 @@ class Trainer:
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         self.seconds_before = float(state.get("train_seconds", 0.0))
         if self.ema is not None:
-            shadow = load_file(str(path / "ema.safetensors"))
-            self.ema.shadow_params = [shadow[f"shadow.{i}"].to(self.accelerator.device) for i in range(len(shadow))]
-            self.ema.optimization_step = json.loads((path / "ema.json").read_text())["optimization_step"]
-        if self.hooks is not None and (path / "monitor.json").is_file():
-            self.hooks.load_state_dict(json.loads((path / "monitor.json").read_text()))
+            self.ema.to(self.accelerator.device)  # accelerate loads custom states onto the CPU
         self.accelerator.print(f"resumed from {path} at step {self.step}")
 
     def _validate(self) -> float:

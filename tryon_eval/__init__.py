@@ -12,7 +12,6 @@ from typing import Any
 
 _EXPORTS = {
     "evaluate": "pipeline", "markdown_table": "pipeline", "EvalError": "generate",
-    "resolve_checkpoint": "generate", "load_checkpoint": "generate",
     "MissingWeightsError": "weights", "find_inception": "weights", "find_alexnet": "weights",
     "RandomFeatures": "metrics", "fid_kid": "metrics", "ssim": "metrics", "build_lpips": "metrics",
     "imacs_per_sample": "metrics",

@@ -120,12 +120,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.images and not args.annotations:
         p.error("--images needs --annotations")
-    from .generate import EvalError, build_eval_dataset, load_checkpoint
+    from train.checkpoint import CheckpointError, load_checkpoint
+
+    from .generate import build_eval_dataset
 
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         loaded = load_checkpoint(args.checkpoint, device=dev)
-    except EvalError as err:
+    except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     cfg = loaded.cfg

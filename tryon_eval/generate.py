@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,46 +23,8 @@ from configs.schema import Config
 
 
 class EvalError(ValueError):
-    """An evaluation that can't run as asked; the message says what to change."""
-
-
-# ---------------------------------------------------------------------------- checkpoints
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory (config.yaml + model/), or a run directory (its latest checkpoint)."""
-    from train.checkpoint import list_checkpoints
-
-    p = Path(path).expanduser()
-    if (p / "config.yaml").is_file() and (p / "model").is_dir():
-        return p
-    if (p / "checkpoints").is_dir():
-        found = [c for c in list_checkpoints(p) if (c / "model").is_dir()]
-        if not found:
-            raise EvalError(f"run directory {p} has no complete checkpoint under {p / 'checkpoints'}")
-        return found[-1]
-    raise EvalError(f"{p} is neither a checkpoint (config.yaml + model/) nor a run directory (checkpoints/)")
-
-
-@dataclass
-class LoadedCheckpoint:
-    path: Path
-    cfg: Config
-    model: Any  # models.TryOnModel, holding the EMA weights saved with the checkpoint
-    step: int | None
-
-
-def load_checkpoint(path: str | Path, overrides: Sequence[str] = (), device: torch.device | str = "cpu"
-                    ) -> LoadedCheckpoint:
-    """Rebuild the model from the checkpoint's saved config and load its ``model/`` weights.
-    ``overrides`` (dotted key=value) fix what moved since training, e.g. data.root."""
-    from configs.loader import load_config
-    from models.build import load_trained_model
-
-    ckpt = resolve_checkpoint(path)
-    cfg = load_config(files=[ckpt / "config.yaml"], overrides=list(overrides))
-    model = load_trained_model(cfg.model, ckpt / "model").to(device).eval()
-    state = ckpt / "train_state.json"
-    step = json.loads(state.read_text()).get("step") if state.is_file() else None
-    return LoadedCheckpoint(ckpt, cfg, model, step)
+    """An evaluation that can't run as asked; the message says what to change. (A path that
+    is no checkpoint raises `train.checkpoint.CheckpointError`, which `evaluate` turns into this.)"""
 
 
 def build_eval_dataset(cfg: Config, split: str, mode: str, limit: int | None, num_synthetic: int) -> Dataset:

@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
-from .generate import EvalError, build_eval_dataset, generate, load_checkpoint, write_json, write_reference
+from train.checkpoint import CheckpointError, load_checkpoint
+
+from .generate import EvalError, build_eval_dataset, generate, write_json, write_reference
 from .metrics import (FeatureExtractor, RandomFeatures, build_lpips, fid_kid, image_features, inception_extractor,
                       mean_or_none, paired_metrics)
 from .weights import find_alexnet, find_inception
@@ -81,7 +83,10 @@ def evaluate(checkpoint: str | Path, out: str | Path | None = None, modes: Seque
 
     # 2. model and data
     extra = list(overrides) + ([f"data.root={data_root}"] if data_root else [])
-    loaded = load_checkpoint(checkpoint, extra, dev)
+    try:
+        loaded = load_checkpoint(checkpoint, extra, dev)
+    except CheckpointError as err:
+        raise EvalError(str(err)) from err
     cfg = loaded.cfg
     steps = int(steps or cfg.diffusion.sample_steps)
     guidance = float(cfg.diffusion.guidance_scale if guidance_scale is None else guidance_scale)

@@ -1,5 +1,5 @@
 """An explicit, deliberately naive implementation of the I²AM definitions
-(shared/notes/i2am-method.md), written independently of the package: full
+(docs/method.md), written independently of the package: full
 softmax matrices for every layer and every step, float64, per-head loops.
 
 Inputs are captured with forward pre-hooks on the Attention modules, and the
