@@ -1,19 +1,25 @@
-"""The denoising loss (k-diffusion style: the loss owns the forward process)."""
+"""The denoising loss (k-diffusion style: the loss owns the forward process).
+
+The noise schedule itself (`build_train_scheduler`) lives with the sampler in
+`models.sampling`; it is re-exported here."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
+from models.sampling import build_train_scheduler
+
 Metrics = dict[str, torch.Tensor]
 
 
-def build_train_scheduler(num_train_timesteps: int, beta_schedule: str, prediction_type: str) -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
-                         prediction_type=prediction_type, clip_sample=False)
+class Noised(NamedTuple):
+    noisy: torch.Tensor      # the latents at `timesteps`
+    noise: torch.Tensor
+    timesteps: torch.Tensor  # (B,) int64
 
 
 class DiffusionLoss:
@@ -45,13 +51,34 @@ class DiffusionLoss:
         # v-prediction's MSE is (snr + 1) times epsilon-space error; epsilon's is snr times x0-space.
         return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
 
+    def noised(self, latents: torch.Tensor, generator: torch.Generator | None = None, *,
+               timesteps_first: bool = False) -> Noised:
+        """The forward process at random timesteps: noise and t drawn from ``generator`` (on
+        its device, then moved to the latents'), the latents noised to t.
+
+        Training draws the noise, then the timesteps; ``timesteps_first`` swaps the two draws
+        (the experiment's held-out dispersion reading, whose published numbers used that order)."""
+        b, device = latents.shape[0], latents.device
+        draw_on = generator.device if generator is not None else device
+
+        def noise() -> torch.Tensor:
+            return torch.randn(latents.shape, generator=generator, device=draw_on, dtype=latents.dtype).to(device)
+
+        def timesteps() -> torch.Tensor:
+            return torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator,
+                                 device=draw_on).to(device)
+
+        if timesteps_first:
+            t = timesteps()
+            eps = noise()
+        else:
+            eps = noise()
+            t = timesteps()
+        return Noised(self.scheduler.add_noise(latents, eps, t), eps, t)
+
     def __call__(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], latents: torch.Tensor,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, Metrics]:
-        b = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator,
-                                  device=latents.device)
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        noisy, noise, timesteps = self.noised(latents, generator)
         pred = model(noisy, timesteps)
         target = self.target(latents, noise, timesteps)
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))

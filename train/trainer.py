@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import signal
 import threading
@@ -25,11 +24,12 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from common.tables import fmt
 from configs.loader import to_yaml
 from configs.schema import Config
 from losses import DiffusionLoss, build_train_scheduler
 from models import build_model
-from models.sampling import build_sample_scheduler
+from models.sampling import Sampler
 
 from .checkpoint import resolve_resume, save_checkpoint
 from .data import build_dataset, build_loader, to_device
@@ -74,8 +74,7 @@ class Trainer:
         self.ema = EMAModel(params, decay=cfg.optim.ema_decay) if cfg.optim.ema_decay else None
         if self.ema is not None:
             self.ema.to(acc.device)
-        self.validator = Validator(self.val_set, self.train_set, build_sample_scheduler(self.noise_scheduler),
-                                   cfg.diffusion.sample_steps, cfg.diffusion.guidance_scale, seed=tc.seed)
+        self.validator = Validator(self.val_set, self.train_set, Sampler.from_config(cfg.diffusion), seed=tc.seed)
         self.step = 0
         self.samples_seen = 0
         # Training time of earlier invocations (restored on resume), so a run's time adds up.
@@ -332,17 +331,14 @@ class Trainer:
 
 
 def format_summary(s: dict) -> str:
-    def f(x):
-        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
-
     lines = [
         "", "── run summary " + "─" * 50,
         f"steps            {s['steps']}  in {s['seconds'] / 60:.1f} min",
-        f"final loss       {f(s['final_loss'])}",
-        f"colour error     untrained {f(s['colour_error_untrained'])}  ->  trained {f(s['colour_error_final'])}"
-        f"   (garment-blind baseline {f(s['colour_error_garment_blind'])})   mean colour in the mask",
-        f"pixel error      untrained {f(s['pixel_error_untrained'])}  ->  trained {f(s['pixel_error_final'])}"
-        f"   (garment-blind baseline {f(s['pixel_error_garment_blind'])})   per pixel in the mask",
+        f"final loss       {fmt(s['final_loss'])}",
+        f"colour error     untrained {fmt(s['colour_error_untrained'])}  ->  trained {fmt(s['colour_error_final'])}"
+        f"   (garment-blind baseline {fmt(s['colour_error_garment_blind'])})   mean colour in the mask",
+        f"pixel error      untrained {fmt(s['pixel_error_untrained'])}  ->  trained {fmt(s['pixel_error_final'])}"
+        f"   (garment-blind baseline {fmt(s['pixel_error_garment_blind'])})   per pixel in the mask",
         f"checkpoints      {s['checkpoints']}",
         f"tracking         {s['tracker']}",
         "─" * 65,
