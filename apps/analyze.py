@@ -29,12 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.images import save_png
+from common.tables import fmt
 from i2am import render
 from i2am.maps import AttributionMaps
 from i2am.metrics import imacs_per_sample, mask_to_grid, top_cells
 from i2am.names import short_name
 
-from .photos import PhotoError, Size, TryOnInputs, load_inputs, open_photo, result_to_original, to_pil, to_tensor
+from .photos import PhotoError, Size, TryOnInputs, load_inputs, open_photo, result_to_original, to_tensor
 from .sources import DEFAULT_PROMPT, AnalyzeError, RunOutput, open_source
 
 Cell = tuple[int, int]
@@ -58,10 +60,6 @@ def parse_size(text: str) -> Size:
 
 
 # -------------------------------------------------------------------------------- figures
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
-
-
 def _draw_box(image: np.ndarray, box: tuple[int, int, int, int], grid: Size, scale: int) -> np.ndarray:
     """Upscale and outline grid cells (y0, x0, y1, x1) in pure green (render.BOX_COLOUR)."""
     a = np.repeat(np.repeat(image, scale, 0), scale, 1)
@@ -166,11 +164,11 @@ def write_figures(out: Path, run: RunOutput, inputs: TryOnInputs, garment_mask: 
     save("inputs.png", render.sample_row([inputs.person, inputs.agnostic, garment, gen],
                                          ["person", "agnostic (mask grey)", "garment", "result"]),
          "what the model saw, and the result")
-    save("r2g.png", render.overlay_figure(r2g, gen, f"R2G unified, IMACS_g {_fmt(imacs_g)}"), "R2G, unified")
+    save("r2g.png", render.overlay_figure(r2g, gen, f"R2G unified, IMACS_g {fmt(imacs_g, 3)}"), "R2G, unified")
     if text:
         save("g2r.png", token_figure(g2r.flatten(), run.token_labels, "G2R unified (text tokens)"), "G2R, unified")
     else:
-        save("g2r.png", render.overlay_figure(g2r, garment, f"G2R unified, IMACS_r {_fmt(imacs_r)}"),
+        save("g2r.png", render.overlay_figure(g2r, garment, f"G2R unified, IMACS_r {fmt(imacs_r, 3)}"),
              "G2R, unified")
     heads, which = head_level_maps(maps)
     save("head_level.png", render.map_grid(heads.float().cpu(), gen, [f"head {h}" for h in range(heads.shape[0])],
@@ -249,13 +247,13 @@ def analyze(source: str | Path, *, garment: str | Path, mask: str | Path | None,
                   progress=progress, prompt=prompt)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    to_pil(run.generated).save(out / "result.png")
-    result_to_original(run.generated, inputs).save(out / "result_original_size.png")
+    save_png(run.generated, out / "result.png")
+    save_png(result_to_original(run.generated, inputs), out / "result_original_size.png")
     run.maps.save(out / "maps.safetensors")
     figs = write_figures(out, run, inputs, gmask, patches, num_patches, time_groups)
     for note in run.notes:
         log(f"note: {note}")
-    log(f"IMACS_g {_fmt(figs['imacs_g'])}   IMACS_r {_fmt(figs['imacs_r'])}")
+    log(f"IMACS_g {fmt(figs['imacs_g'], 3)}   IMACS_r {fmt(figs['imacs_r'], 3)}")
     log(f"specific-reference patches ({figs['patch_choice']}): "
         + ", ".join(f"({p['cell'][0]},{p['cell'][1]})" for p in figs["patches"]))
 

@@ -17,21 +17,21 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
+from common import tables
 from configs import load_config
 
 
 def evaluate_arm(trainer, num_samples: int, batch_size: int = 16) -> tuple[dict[str, float], tuple]:
     """Colour/pixel error, SSIM, IMACS and dispersion on `num_samples` test samples (EMA
     weights, fixed noise), and the first batch's (maps, batch, generated) for the
-    comparison figure. Dispersion is measured as in training (masked, every monitored
-    layer) on one noised forward per batch at seeded timesteps."""
-    from i2am.metrics import imacs_per_sample
-    from models.sampling import sample_tryon
+    comparison figure. The per-sample scores are the evaluation's (`tryon_eval.metrics.sample_scores`);
+    dispersion is measured as in training (masked, every monitored layer) on one noised
+    forward per batch at seeded timesteps."""
     from train.data import build_dataset
-    from tryon_data import colour_error, pixel_error
-    from tryon_eval.metrics import ssim
+    from tryon_eval.metrics import sample_scores
 
     cfg, model, hooks = trainer.cfg, trainer.unwrapped, trainer.hooks
+    sampler = trainer.validator.sampler
     dataset = build_dataset(cfg.data, "test", num_samples=num_samples)
     rows: dict[str, list[float]] = {"colour_error": [], "pixel_error": [], "ssim": [], "imacs_g": [], "imacs_r": [],
                                     "dispersion": []}
@@ -40,19 +40,16 @@ def evaluate_arm(trainer, num_samples: int, batch_size: int = 16) -> tuple[dict[
         model.eval()
         for start in range(0, num_samples, batch_size):
             batch = default_collate([dataset[i] for i in range(start, min(start + batch_size, num_samples))])
-            gen = torch.Generator().manual_seed(cfg.train.seed + start)
-            with hooks.recording(cfg.diffusion.sample_steps, cfg.diffusion.guidance_scale != 1.0):
-                out = sample_tryon(model, batch, trainer.validator.scheduler, cfg.diffusion.sample_steps,
-                                   cfg.diffusion.guidance_scale, gen)
-            maps = hooks.monitor.maps()
+            gen = torch.Generator().manual_seed(cfg.train.seed + start)  # sampling, then the noised forward
+            with hooks.recording(sampler.steps) as monitor:
+                samples = sampler(model, batch, generator=gen, monitor=monitor)
+            out, maps = samples.images, samples.maps
             first_maps = first_maps or (maps, batch, out)
-            rows["colour_error"] += colour_error(out, batch["person"], batch["mask"]).tolist()
-            rows["pixel_error"] += pixel_error(out, batch["person"], batch["mask"]).tolist()
-            for a, b in zip(out, batch["person"]):
-                rows["ssim"].append(ssim(_u8(a), _u8(b)))
-            rows["imacs_g"] += [v for v in imacs_per_sample(maps.unified("r2g").cpu(), batch["mask"]) if v is not None]
-            rows["imacs_r"] += [v for v in imacs_per_sample(maps.unified("g2r").cpu(), batch["garment_mask"])
-                                if v is not None]
+            scores = sample_scores(out, batch, maps, target=batch["person"], with_ssim=True)
+            for key in ("colour_error", "pixel_error", "ssim"):
+                rows[key] += scores[key]
+            for key in ("imacs_g", "imacs_r"):  # undefined where a map is constant
+                rows[key] += [v for v in scores[key] if v is not None]
             rows["dispersion"].append(held_out_dispersion(trainer, batch, gen))
     result = {k: float(np.mean(v)) for k, v in rows.items()}
     result["steps"] = trainer.step
@@ -63,30 +60,23 @@ def evaluate_arm(trainer, num_samples: int, batch_size: int = 16) -> tuple[dict[
 @torch.no_grad()
 def held_out_dispersion(trainer, batch, gen: torch.Generator) -> float:
     """Mean attention dispersion (masked, every monitored layer) of one noised forward of
-    `batch` at timesteps and noise drawn from `gen`."""
+    `batch` at timesteps and noise drawn from `gen` (the training loss's forward process)."""
     model = trainer.unwrapped
     latents = model.codec.encode(batch["person"])
-    t = torch.randint(0, trainer.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
-    noise = torch.randn(latents.shape, generator=gen).to(latents.device)
-    t = t.to(latents.device)
-    noisy = trainer.noise_scheduler.add_noise(latents, noise, t)
+    noisy, _, t = trainer.diffusion_loss.noised(latents, gen)
     model(noisy, t, model.condition(batch), batch["garment"])
     return trainer.hooks.dispersion(model.codec.latent_mask(batch["mask"]), t)
-
-
-def _u8(image: torch.Tensor) -> np.ndarray:
-    return ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
 
 
 COLUMNS = [("colour_error", "colour error ↓", 4), ("pixel_error", "pixel error ↓", 4), ("ssim", "SSIM ↑", 4), ("dispersion", "dispersion ↓", 4),
            ("imacs_g", "IMACS_g ↑", 4), ("imacs_r", "IMACS_r ↑", 4), ("steps", "steps", 0), ("minutes", "min", 1)]
 
 
-def markdown_table(results: dict[str, dict[str, float]]) -> str:
-    head = "| arm | " + " | ".join(c[1] for c in COLUMNS) + " |"
-    sep = "|---|" + "---:|" * len(COLUMNS)
-    rows = [f"| {arm} | " + " | ".join(f"{r[k]:.{d}f}" for k, _, d in COLUMNS) + " |" for arm, r in results.items()]
-    return "\n".join([head, sep, *rows])
+def results_table(results: dict[str, dict[str, float]]) -> str:
+    """One row per arm (`common.tables.markdown_table`)."""
+    return tables.markdown_table(["arm", *(c[1] for c in COLUMNS)],
+                                 [[arm, *(r[k] for k, _, _ in COLUMNS)] for arm, r in results.items()],
+                                 align=["", *["right"] * len(COLUMNS)], digits=[0, *(d for *_, d in COLUMNS)])
 
 
 def comparison_figure(arms: dict[str, tuple], samples: int = 4) -> np.ndarray:
@@ -108,7 +98,7 @@ def comparison_figure(arms: dict[str, tuple], samples: int = 4) -> np.ndarray:
 def main(argv: list[str] | None = None) -> int:
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    from i2am.render import save_png
+    from common.images import save_png
     from train import Trainer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -131,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
         PartialState._reset_state()
-    table = markdown_table(results)
+    table = results_table(results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -15,6 +15,8 @@ import html
 from pathlib import Path
 from typing import Any
 
+from common.tables import fmt
+
 # What each level shows, for the reader of the page (the README's "Reading the maps"
 # guide says the same at more length).
 EXPLANATIONS: dict[str, str] = {
@@ -77,10 +79,6 @@ def data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def _fmt(v: Any) -> str:
-    return "n/a" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
-
-
 def _figure(folder: Path, name: str, caption: str) -> str:
     return (f'<figure><img src="{data_uri(folder / name)}" alt="{html.escape(caption)}">'
             f"<figcaption>{html.escape(caption)} &middot; <code>{html.escape(name)}</code></figcaption></figure>")
@@ -92,7 +90,7 @@ def _section(title: str, key: str, figures: str) -> str:
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:
-    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in rows)
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(fmt(v))}</td></tr>" for k, v in rows)
     return f"<table>{body}</table>"
 
 
@@ -102,7 +100,7 @@ def render_html(summary: dict[str, Any], folder: Path) -> str:
     titles = summary["figures"]
     src = summary["source"]
     cards = "".join(
-        f'<div class="card"><div>{name}</div><div class="metric">{_fmt(summary[key])}</div>'
+        f'<div class="card"><div>{name}</div><div class="metric">{fmt(summary[key])}</div>'
         f"<div>{html.escape(sub)}</div></div>"
         for name, key, sub in (("IMACS_g", "imacs_g", "R2G vs. inpainting mask"),
                                ("IMACS_r", "imacs_r", "G2R vs. garment mask")))

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from common.images import from_uint8, to_pil
+
 Size = tuple[int, int]  # (height, width), the project's convention
 
 GREY = (128, 128, 128)  # 0 in [-1, 1], up to uint8 rounding: the agnostic's grey
@@ -152,13 +154,7 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     a = np.asarray(image)
     if image.mode == "L":
         return torch.from_numpy((a >= 128).astype(np.float32))[None]
-    return torch.from_numpy(a.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [-1, 1] -> RGB PIL."""
-    a = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return Image.fromarray(a.permute(1, 2, 0).numpy())
+    return from_uint8(a)
 
 
 @dataclass

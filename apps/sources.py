@@ -3,7 +3,7 @@ project, or a local diffusers pipeline directory.
 
 Each source runs one try-on at its own resolution and returns the result with the
 I²AM maps of that run. Checkpoints are sampled with the project's DDIM sampler
-(``models.sampling.sample_tryon``) under an :class:`~i2am.AttentionMonitor`;
+(``models.sampling.Sampler``) under an :class:`~i2am.AttentionMonitor`;
 pipelines are called through :func:`i2am.trace`. Heavy imports (torch models,
 diffusers) happen inside the functions, so the CLI's ``--help`` stays fast.
 """
@@ -18,9 +18,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from common.images import to_pil
 from i2am.maps import AttributionMaps
 
-from .photos import Size, TryOnInputs, to_pil
+from .photos import Size, TryOnInputs
 
 PIPELINES = ("StableDiffusionInpaintPipeline", "PaintByExamplePipeline")
 DEFAULT_PROMPT = "a person wearing a garment"
@@ -37,11 +38,6 @@ class RunOutput:
     # text references (SD inpaint): one label per reference token, for the G2R figures
     token_labels: list[str] | None = None
     notes: list[str] = field(default_factory=list)
-
-
-def _cfg_half(guidance_scale: float):
-    # both samplers stack [unconditional, conditional]: record the conditional half
-    return (lambda b: slice(b // 2, None)) if guidance_scale != 1.0 else None
 
 
 class CheckpointSource:
@@ -67,24 +63,19 @@ class CheckpointSource:
 
     def run(self, inputs: TryOnInputs, *, steps: int, seed: int, guidance_scale: float, time_groups: int,
             progress: bool, prompt: str) -> RunOutput:
-        from losses import build_train_scheduler
-        from models.sampling import build_sample_scheduler, sample_tryon
+        from models.sampling import Sampler
 
         from i2am import AttentionMonitor
 
-        model, d = self.loaded.model, self.loaded.cfg.diffusion
-        scheduler = build_sample_scheduler(build_train_scheduler(d.num_train_timesteps, d.beta_schedule,
-                                                                 d.prediction_type))
+        model = self.loaded.model
+        sampler = Sampler.from_config(self.loaded.cfg.diffusion, steps=steps, guidance_scale=guidance_scale)
         batch = {"agnostic": inputs.agnostic[None], "mask": inputs.mask[None], "garment": inputs.garment[None]}
         batch = {k: v.to(self.device) for k, v in batch.items()}
         # num_steps known: constant-memory time bins, one per time group
         with AttentionMonitor(model.unet, model.reference_grid, model.extra_tokens, num_steps=steps,
-                              time_groups=min(time_groups, steps), batch_slice=_cfg_half(guidance_scale)) as mon:
-            generator = torch.Generator(self.device).manual_seed(seed)
-            images = sample_tryon(model, batch, scheduler, steps, guidance_scale, generator=generator,
-                                  paste_back=True, progress=progress)
-            maps = mon.maps()
-        return RunOutput(images[0].float().cpu(), maps)
+                              time_groups=min(time_groups, steps)) as mon:
+            run = sampler(model, batch, seed=seed, monitor=mon, paste_back=True, progress=progress)
+        return RunOutput(run.images[0].float().cpu(), run.maps)
 
 
 def _load_components(path: Path, index: dict[str, Any]) -> dict[str, Any]:
@@ -170,7 +161,7 @@ class PipelineSource:
                                                         guidance_scale=guidance_scale, prompt=prompt))
         image = torch.from_numpy(np.asarray(out.images[0], dtype=np.float32)).permute(2, 0, 1) * 2 - 1
         m = inputs.mask
-        generated = image * m + inputs.agnostic * (1 - m)  # as sample_tryon's paste_back
+        generated = image * m + inputs.agnostic * (1 - m)  # as the Sampler's paste_back
         notes = []
         labels = None
         if self.kind == "StableDiffusionInpaintPipeline":

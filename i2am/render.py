@@ -17,7 +17,6 @@ uint8 (H, W, 3).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +30,9 @@ from matplotlib.collections import LineCollection
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+
+# save_png: the project's one PNG writer (a uint8 (H, W, 3|4) array or a tensor in [-1, 1]), re-exported
+from common.images import save_png, to_uint8
 
 __all__ = ["normalise", "image_to_uint8", "overlay", "overlay_figure", "map_grid",
            "specific_reference_figure", "sample_row", "sample_grid", "save_png"]
@@ -87,9 +89,7 @@ def image_to_uint8(image: ArrayLike) -> np.ndarray:
     if t.dim() != 3 or t.shape[0] not in (1, 3):
         raise ValueError(f"image: expected float (3, H, W) in [-1, 1] or uint8 (H, W, 3), got "
                          f"{t.dtype} {tuple(t.shape)}")
-    t = t.expand(3, -1, -1)
-    a = ((t.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return np.ascontiguousarray(a.permute(1, 2, 0).numpy())
+    return to_uint8(t.expand(3, -1, -1))
 
 
 def _upscale(a: np.ndarray, scale: int) -> np.ndarray:
@@ -380,16 +380,3 @@ def sample_grid(columns: Mapping[str, ArrayLike], scale: int | None = None, gap:
     for c, title in enumerate(batches):
         ax.text(c * (tw + gap) + tw / 2 - 0.5, -4, title, ha="center", va="bottom", fontsize=9, clip_on=False)
     return _render(fig)
-
-
-def save_png(array: np.ndarray, path: str | os.PathLike) -> None:
-    """Write a uint8 (H, W, 3) (or (H, W, 4)) array as a PNG, creating parent folders."""
-    from PIL import Image
-
-    a = np.asarray(array)
-    if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] not in (3, 4):
-        raise ValueError(f"array: expected uint8 (H, W, 3) or (H, W, 4), got {a.dtype} {a.shape}")
-    parent = os.path.dirname(os.fspath(path))
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    Image.fromarray(a).save(path)

@@ -7,6 +7,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from common.tables import fmt
+
 from . import render
 from .maps import AttributionMaps
 from .metrics import imacs_per_sample, mask_to_grid, top_cells
@@ -39,13 +41,10 @@ def attribution_report(maps: AttributionMaps, batch: Mapping[str, torch.Tensor],
     n = min(samples, r2g.shape[0])
     gen, garment = generated[:n].cpu(), batch["garment"][:n].cpu()
 
-    def fmt(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:.3f}"
-
     images = {
-        "i2am/r2g": render.map_grid(r2g[:n], list(gen), [f"#{i} IMACS_g {fmt(imacs_g[i])}" for i in range(n)],
+        "i2am/r2g": render.map_grid(r2g[:n], list(gen), [f"#{i} IMACS_g {fmt(imacs_g[i], 3)}" for i in range(n)],
                                     suptitle="R2G: where the garment went (unified)", shared=False),
-        "i2am/g2r": render.map_grid(g2r[:n], list(garment), [f"#{i} IMACS_r {fmt(imacs_r[i])}" for i in range(n)],
+        "i2am/g2r": render.map_grid(g2r[:n], list(garment), [f"#{i} IMACS_r {fmt(imacs_r[i], 3)}" for i in range(n)],
                                     suptitle="G2R: garment parts used (unified)", shared=False),
     }
     heads = maps.head_level("r2g")[0].float().cpu()

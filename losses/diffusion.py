@@ -1,19 +1,24 @@
-"""The denoising loss (k-diffusion style: the loss owns the forward process)."""
+"""The denoising loss (k-diffusion style: the loss owns the forward process).
+
+The noise schedule itself (`models.sampling.build_train_scheduler`) lives with the
+sampler, so that training and sampling read one definition of it."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
+
 Metrics = dict[str, torch.Tensor]
 
 
-def build_train_scheduler(num_train_timesteps: int, beta_schedule: str, prediction_type: str) -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
-                         prediction_type=prediction_type, clip_sample=False)
+class Noised(NamedTuple):
+    noisy: torch.Tensor      # the latents at `timesteps`
+    noise: torch.Tensor
+    timesteps: torch.Tensor  # (B,) int64
 
 
 class DiffusionLoss:
@@ -45,13 +50,22 @@ class DiffusionLoss:
         # v-prediction's MSE is (snr + 1) times epsilon-space error; epsilon's is snr times x0-space.
         return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
 
+    def noised(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> Noised:
+        """The forward process at random timesteps: noise and t drawn from ``generator`` (on
+        its device, then moved to the latents'), the latents noised to t.
+
+        The noise is drawn first, then the timesteps (the order resumed runs rely on)."""
+        b, device = latents.shape[0], latents.device
+        draw_on = generator.device if generator is not None else device
+
+        eps = torch.randn(latents.shape, generator=generator, device=draw_on, dtype=latents.dtype).to(device)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator,
+                          device=draw_on).to(device)
+        return Noised(self.scheduler.add_noise(latents, eps, t), eps, t)
+
     def __call__(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], latents: torch.Tensor,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, Metrics]:
-        b = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator,
-                                  device=latents.device)
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        noisy, noise, timesteps = self.noised(latents, generator)
         pred = model(noisy, timesteps)
         target = self.target(latents, noise, timesteps)
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))

@@ -6,11 +6,12 @@ from .codec import LatentCodec, PixelCodec, VAECodec, build_codec
 from .errors import ModelConfigError
 from .garment import ClipGarmentEncoder, ConvTokenizer, GarmentEncoder, build_garment_encoder
 from .registry import UNET_SIZES
+from .sampling import Sampler, Samples, build_train_scheduler
 from .tryon import TryOnModel
 from .unet import build_unet, widen_conv_in
 
 __all__ = [
     "ClipGarmentEncoder", "ConvTokenizer", "GarmentEncoder", "LatentCodec", "ModelConfigError", "PixelCodec",
-    "TryOnModel", "UNET_SIZES", "VAECodec", "build_codec", "build_garment_encoder", "build_model", "build_unet",
-    "widen_conv_in",
+    "Sampler", "Samples", "TryOnModel", "UNET_SIZES", "VAECodec", "build_codec", "build_garment_encoder", "build_model",
+    "build_train_scheduler", "build_unet", "widen_conv_in",
 ]

@@ -1,17 +1,26 @@
-"""DDIM sampling for the try-on model, with classifier-free guidance on the garment.
+"""The noise schedules and the one sampler of the try-on model.
 
-Under guidance the UNet sees a doubled batch ordered [unconditional, conditional],
-as diffusers' pipelines do; the I²AM monitor records the conditional half.
+:class:`Sampler` runs DDIM with classifier-free guidance on the garment. Under guidance the
+UNet sees a doubled batch ordered [unconditional, conditional], as diffusers' pipelines
+do; a monitor passed to the sampler records the conditional half only.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
-from diffusers import DDIMScheduler, SchedulerMixin
+from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin
 from tqdm.auto import tqdm
 
 from .tryon import TryOnModel
+
+
+def build_train_scheduler(num_train_timesteps: int, beta_schedule: str, prediction_type: str) -> DDPMScheduler:
+    """The forward (noising) process the model is trained on."""
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
+                         prediction_type=prediction_type, clip_sample=False)
 
 
 def build_sample_scheduler(train_scheduler: SchedulerMixin) -> DDIMScheduler:
@@ -19,32 +28,116 @@ def build_sample_scheduler(train_scheduler: SchedulerMixin) -> DDIMScheduler:
     return DDIMScheduler.from_config(train_scheduler.config, timestep_spacing="trailing", clip_sample=False)
 
 
-@torch.no_grad()
-def sample_tryon(model: TryOnModel, batch: Mapping[str, torch.Tensor], scheduler: DDIMScheduler, steps: int,
-                 guidance_scale: float = 1.0, generator: torch.Generator | None = None,
-                 paste_back: bool = True, progress: bool = False) -> torch.Tensor:
-    """Generate the try-on images (B, 3, H, W) in [-1, 1] for a batch of
-    agnostic persons, masks and garments."""
-    cond = model.condition(batch)
-    tokens = model.garment_tokens(batch["garment"])
-    b, _, h, w = cond.shape
-    use_cfg = guidance_scale != 1.0
-    if use_cfg:
-        cond = torch.cat([cond, cond])
-        tokens = torch.cat([model.null_garment_tokens(b).to(tokens.dtype), tokens])
-    latents = torch.randn((b, model.latent_channels, h, w), generator=generator, device=cond.device, dtype=tokens.dtype)
-    scheduler.set_timesteps(steps, device=cond.device)
-    latents = latents * scheduler.init_noise_sigma
-    for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
-        x = scheduler.scale_model_input(latents, t)
-        x = torch.cat([x, x]) if use_cfg else x
-        pred = model(x, t.expand(x.shape[0]), cond, tokens=tokens)
-        if use_cfg:
-            uncond, conditional = pred.chunk(2)
-            pred = uncond + guidance_scale * (conditional - uncond)
-        latents = scheduler.step(pred, t, latents, generator=generator).prev_sample
-    images = model.codec.decode(latents).float().clamp(-1, 1)
-    if paste_back:  # keep the person outside the inpainting region, as try-on evaluations do
-        mask = batch["mask"].to(images.dtype)
-        images = images * mask + batch["agnostic"].to(images.dtype) * (1 - mask)
-    return images
+def conditional_half(batch_size: int) -> slice:
+    """The conditional samples of a guided UNet batch [unconditional, conditional]."""
+    return slice(batch_size // 2, None)
+
+
+class Monitor(Protocol):
+    """What the sampler needs of a recorder (e.g. :class:`i2am.AttentionMonitor`): which
+    samples of the UNet batch to record, a fresh start, and the recording."""
+
+    batch_slice: Any
+
+    def reset(self) -> None: ...
+
+    def maps(self) -> Any: ...
+
+
+@dataclass
+class Samples:
+    images: torch.Tensor  # (B, 3, H, W) in [-1, 1]
+    maps: Any = None      # the monitor's maps() of this run (e.g. i2am.AttributionMaps); None without a monitor
+
+
+class Sampler:
+    """DDIM sampling of try-on images, built from the diffusion config.
+
+    ``sampler(model, batch, seed=0)`` returns :class:`Samples`. With ``guidance_scale != 1``
+    every UNet call gets the doubled batch [unconditional (null garment tokens), conditional]
+    and the predictions are mixed as ``uncond + scale * (cond - uncond)``. The initial noise
+    and DDIM's (eta = 0: unused) step noise come from one generator, in that order.
+    """
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "scaled_linear",
+                 prediction_type: str = "v_prediction", steps: int = 25, guidance_scale: float = 1.0) -> None:
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        self.train_scheduler = build_train_scheduler(num_train_timesteps, beta_schedule, prediction_type)
+        self.scheduler = build_sample_scheduler(self.train_scheduler)
+        self.steps = int(steps)
+        self.guidance_scale = float(guidance_scale)
+
+    @classmethod
+    def from_config(cls, diffusion: Any, *, steps: int | None = None,
+                    guidance_scale: float | None = None) -> Sampler:
+        """From a ``configs.DiffusionConfig`` (or a mapping with its keys); ``steps`` and
+        ``guidance_scale`` override its ``sample_steps`` and ``guidance_scale``."""
+        def get(key: str) -> Any:
+            return diffusion[key] if isinstance(diffusion, Mapping) else getattr(diffusion, key)
+
+        return cls(get("num_train_timesteps"), get("beta_schedule"), get("prediction_type"),
+                   steps=get("sample_steps") if steps is None else steps,
+                   guidance_scale=get("guidance_scale") if guidance_scale is None else guidance_scale)
+
+    @property
+    def guided(self) -> bool:
+        """Whether the UNet sees the doubled [unconditional, conditional] batch."""
+        return self.guidance_scale != 1.0
+
+    @torch.no_grad()
+    def __call__(self, model: TryOnModel, batch: Mapping[str, torch.Tensor], *,
+                 generator: torch.Generator | None = None, seed: int | None = None, monitor: Monitor | None = None,
+                 paste_back: bool = True, progress: bool = False) -> Samples:
+        """Generate the try-on images for a batch of agnostic persons, masks and garments.
+
+        Noise comes from ``generator``, or from a new one seeded with ``seed`` on the batch's
+        device (neither: torch's global generator). ``monitor`` is reset, records this run
+        (the conditional half under guidance) and its ``maps()`` are returned; its
+        ``batch_slice`` is restored after. ``paste_back`` keeps the person outside the
+        inpainting mask, as try-on evaluations do."""
+        if generator is not None and seed is not None:
+            raise ValueError("pass a generator or a seed, not both")
+        if monitor is None:
+            return Samples(self._sample(model, batch, generator, seed, paste_back, progress))
+        previous = monitor.batch_slice
+        monitor.batch_slice = conditional_half if self.guided else None
+        monitor.reset()
+        try:
+            images = self._sample(model, batch, generator, seed, paste_back, progress)
+            return Samples(images, monitor.maps())
+        finally:
+            monitor.batch_slice = previous
+
+    def _sample(self, model: TryOnModel, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None,
+                seed: int | None, paste_back: bool, progress: bool) -> torch.Tensor:
+        cond = model.condition(batch)
+        tokens = model.garment_tokens(batch["garment"])
+        b, _, h, w = cond.shape
+        if seed is not None:
+            generator = torch.Generator(cond.device).manual_seed(seed)
+        guided, scale = self.guided, self.guidance_scale
+        if guided:
+            cond = torch.cat([cond, cond])
+            tokens = torch.cat([model.null_garment_tokens(b).to(tokens.dtype), tokens])
+        latents = torch.randn((b, model.latent_channels, h, w), generator=generator, device=cond.device,
+                              dtype=tokens.dtype)
+        scheduler = self.scheduler
+        scheduler.set_timesteps(self.steps, device=cond.device)
+        latents = latents * scheduler.init_noise_sigma
+        for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
+            x = scheduler.scale_model_input(latents, t)
+            x = torch.cat([x, x]) if guided else x
+            pred = model(x, t.expand(x.shape[0]), cond, tokens=tokens)
+            if guided:
+                uncond, conditional = pred.chunk(2)
+                pred = uncond + scale * (conditional - uncond)
+            latents = scheduler.step(pred, t, latents, generator=generator).prev_sample
+        images = model.codec.decode(latents).float().clamp(-1, 1)
+        if paste_back:
+            mask = batch["mask"].to(images.dtype)
+            images = images * mask + batch["agnostic"].to(images.dtype) * (1 - mask)
+        return images
+
+
+__all__ = ["Monitor", "Sampler", "Samples", "build_sample_scheduler", "build_train_scheduler", "conditional_half"]

@@ -144,8 +144,7 @@ def test_help_runs_as_a_module():
 # --------------------------------------------------------------------------- checkpoint
 @pytest.mark.slow  # trains a 2-step checkpoint with the real Trainer (~20 s on a busy 2-core machine)
 def test_checkpoint_analysis_outputs(base, pics):
-    from losses import build_train_scheduler
-    from models.sampling import build_sample_scheduler, sample_tryon
+    from models.sampling import Sampler
     from train.checkpoint import load_checkpoint
 
     out, printed = analysed_checkpoint(base)
@@ -161,12 +160,10 @@ def test_checkpoint_analysis_outputs(base, pics):
     ckpt = load_checkpoint(tiny_run(base), (), "cpu")
     res = tuple(ckpt.cfg.data.resolution)
     inputs = load_inputs(res, pics["garment_rgba"], pics["person_mask"], person=pics["person"])
-    d = ckpt.cfg.diffusion
-    sched = build_sample_scheduler(build_train_scheduler(d.num_train_timesteps, d.beta_schedule, d.prediction_type))
+    sampler = Sampler.from_config(ckpt.cfg.diffusion, steps=CHECKPOINT_ARGS["steps"])
     batch = {"agnostic": inputs.agnostic[None], "mask": inputs.mask[None], "garment": inputs.garment[None]}
     with AttentionMonitor(ckpt.model.unet, ckpt.model.reference_grid, ckpt.model.extra_tokens) as mon:
-        images = sample_tryon(ckpt.model, batch, sched, CHECKPOINT_ARGS["steps"], d.guidance_scale,
-                              generator=torch.Generator().manual_seed(CHECKPOINT_ARGS["seed"]))
+        images = sampler(ckpt.model, batch, generator=torch.Generator().manual_seed(CHECKPOINT_ARGS["seed"])).images
         own = mon.maps()
     saved = AttributionMaps.load(out / "maps.safetensors")
     _assert_same_maps(saved, own, (5, 4))

@@ -4,8 +4,8 @@
   loss and per-layer dispersion from the monitor's last forward pass;
 - `dispersion(latent_mask, timesteps)`: the mean dispersion of the last forward,
   as an evaluation reading;
-- `recording(num_steps, doubled_batch)`: a context in which sampling is recorded;
-- `report(batch, generated, colour_errors)`: IMACS, figures and table rows for the recorded sampling.
+- `recording(num_steps)`: a context yielding the monitor to pass to `models.Sampler`;
+- `report(maps, batch, generated, colour_errors)`: IMACS, figures and table rows for the sampler's maps.
 
 It holds no training state of its own (the loss's warm-up reads the step it is given),
 so there is nothing of it to checkpoint.
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from configs.schema import MonitorConfig, StabilityConfig
-from i2am import AttentionMonitor
+from i2am import AttentionMonitor, AttributionMaps
 from i2am.report import attribution_report, sample_rows
 from losses.stability import StabilityLoss
 
@@ -47,21 +47,19 @@ class MonitorHooks:
         return float(metrics["i2am/dispersion/mean"])
 
     @contextlib.contextmanager
-    def recording(self, num_steps: int, doubled_batch: bool) -> Iterator[None]:
-        """Record the maps of one sampling run (the conditional half under guidance)."""
-        self.monitor.batch_slice = (lambda b: slice(b // 2, None)) if doubled_batch else None
+    def recording(self, num_steps: int) -> Iterator[AttentionMonitor]:
+        """Record maps while inside: pass the yielded monitor to the `models.Sampler` run of
+        `num_steps` steps (it chooses the samples to record: the conditional half under guidance)."""
         self.monitor.reset(num_steps=num_steps, time_groups=min(self.cfg.time_groups, num_steps))
         self.monitor.record = True
         try:
-            yield
+            yield self.monitor
         finally:
             self.monitor.record = False
-            self.monitor.batch_slice = None
 
-    def report(self, batch: Mapping[str, torch.Tensor], generated: torch.Tensor, colour_errors: list[float]
-               ) -> tuple[dict[str, float], dict[str, np.ndarray], list[dict]]:
-        """IMACS, the map figures and the per-sample table rows, from one snapshot of the recording."""
-        maps = self.monitor.maps()
+    def report(self, maps: AttributionMaps, batch: Mapping[str, torch.Tensor], generated: torch.Tensor,
+               colour_errors: list[float]) -> tuple[dict[str, float], dict[str, np.ndarray], list[dict]]:
+        """IMACS, the map figures and the per-sample table rows of one recorded sampling."""
         metrics, images = attribution_report(maps, batch, generated, samples=self.cfg.samples,
                                              patches=self.cfg.patches, time_groups=self.cfg.time_groups)
         return metrics, images, sample_rows(maps, batch, generated, colour_errors)

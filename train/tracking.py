@@ -14,8 +14,8 @@ from typing import Any, Mapping
 
 import numpy as np
 from accelerate import Accelerator
-from PIL import Image
 
+from common.images import save_png
 from configs.schema import TrackerConfig
 
 
@@ -83,7 +83,7 @@ def log_images(accelerator: Accelerator, images: Mapping[str, np.ndarray], step:
     out = run_dir / "images"
     out.mkdir(parents=True, exist_ok=True)
     for name, array in images.items():
-        Image.fromarray(array).save(out / f"{name.replace('/', '_')}_{step:07d}.png")
+        save_png(array, out / f"{name.replace('/', '_')}_{step:07d}.png")
     for tracker in accelerator.trackers:
         if tracker.name == "wandb":
             import wandb

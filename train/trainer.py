@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import signal
 import threading
@@ -24,11 +23,12 @@ from diffusers.training_utils import EMAModel
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from common.tables import fmt
 from configs.loader import to_yaml
 from configs.schema import Config
-from losses import DiffusionLoss, build_train_scheduler
+from losses import DiffusionLoss
 from models import build_model
-from models.sampling import build_sample_scheduler
+from models.sampling import Sampler
 
 from .checkpoint import resolve_resume, save_checkpoint
 from .data import build_dataset, build_loader, to_device
@@ -59,8 +59,8 @@ class Trainer:
         self.hooks = MonitorHooks(model, cfg.monitor, cfg.stability) if cfg.monitor.enabled else None
         self.resume_from = resolve_resume(self.run_dir, tc.resume)
 
-        self.noise_scheduler = build_train_scheduler(cfg.diffusion.num_train_timesteps, cfg.diffusion.beta_schedule,
-                                                     cfg.diffusion.prediction_type)
+        sampler = Sampler.from_config(cfg.diffusion)
+        self.noise_scheduler = sampler.train_scheduler  # training and sampling share one schedule
         self.diffusion_loss = DiffusionLoss(self.noise_scheduler, cfg.diffusion.snr_gamma)
         params = model.trainable_parameters()
         optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
@@ -76,8 +76,7 @@ class Trainer:
             self.ema.to(acc.device)
             # save_state/load_state carry its state_dict (shadow weights, step) as custom_checkpoint_0.pkl
             acc.register_for_checkpointing(self.ema)
-        self.validator = Validator(self.val_set, self.train_set, build_sample_scheduler(self.noise_scheduler),
-                                   cfg.diffusion.sample_steps, cfg.diffusion.guidance_scale, seed=tc.seed)
+        self.validator = Validator(self.val_set, self.train_set, sampler, seed=tc.seed)
         self.step = 0
         self.samples_seen = 0
         # Training time of earlier invocations (restored on resume), so a run's time adds up.
@@ -324,17 +323,14 @@ class Trainer:
 
 
 def format_summary(s: dict) -> str:
-    def f(x):
-        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
-
     lines = [
         "", "── run summary " + "─" * 50,
         f"steps            {s['steps']}  in {s['seconds'] / 60:.1f} min",
-        f"final loss       {f(s['final_loss'])}",
-        f"colour error     untrained {f(s['colour_error_untrained'])}  ->  trained {f(s['colour_error_final'])}"
-        f"   (garment-blind baseline {f(s['colour_error_garment_blind'])})   mean colour in the mask",
-        f"pixel error      untrained {f(s['pixel_error_untrained'])}  ->  trained {f(s['pixel_error_final'])}"
-        f"   (garment-blind baseline {f(s['pixel_error_garment_blind'])})   per pixel in the mask",
+        f"final loss       {fmt(s['final_loss'])}",
+        f"colour error     untrained {fmt(s['colour_error_untrained'])}  ->  trained {fmt(s['colour_error_final'])}"
+        f"   (garment-blind baseline {fmt(s['colour_error_garment_blind'])})   mean colour in the mask",
+        f"pixel error      untrained {fmt(s['pixel_error_untrained'])}  ->  trained {fmt(s['pixel_error_final'])}"
+        f"   (garment-blind baseline {fmt(s['pixel_error_garment_blind'])})   per pixel in the mask",
         f"checkpoints      {s['checkpoints']}",
         f"tracking         {s['tracker']}",
         "─" * 65,

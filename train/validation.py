@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from models.sampling import sample_tryon
+from models.sampling import Sampler
 from models.tryon import TryOnModel
 from tryon_data.samples import colour_error, masked_mean_colour, pixel_error
 
@@ -24,10 +24,10 @@ class ValidationResult:
 
 
 class Validator:
-    def __init__(self, val_set: Dataset, train_set: Dataset, scheduler, steps: int, guidance_scale: float,
-                 seed: int = 0, baseline_samples: int = 512) -> None:
+    def __init__(self, val_set: Dataset, train_set: Dataset, sampler: Sampler, seed: int = 0,
+                 baseline_samples: int = 512) -> None:
         self.batch = default_collate([val_set[i] for i in range(len(val_set))])
-        self.scheduler, self.steps, self.guidance_scale, self.seed = scheduler, steps, guidance_scale, seed
+        self.sampler, self.seed = sampler, seed
         # Garment-blind baseline: paint the mask with the training set's mean garment colour.
         mean = masked_mean_colour(train_set, num=min(baseline_samples, len(train_set)))
         mask = self.batch["mask"]
@@ -42,13 +42,13 @@ class Validator:
         from i2am.render import sample_grid
 
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.batch.items()}
-        generator = torch.Generator(device).manual_seed(self.seed)  # same noise every validation
         was_training = model.training
         model.eval()
-        recording = hooks.recording(self.steps, self.guidance_scale != 1.0) if hooks else contextlib.nullcontext()
-        with recording:
-            generated = sample_tryon(model, batch, self.scheduler, self.steps, self.guidance_scale, generator)
+        recording = hooks.recording(self.sampler.steps) if hooks else contextlib.nullcontext()
+        with recording as monitor:  # the same noise every validation
+            samples = self.sampler(model, batch, seed=self.seed, monitor=monitor)
         model.train(was_training)
+        generated = samples.images
         errors = colour_error(generated, batch["person"], batch["mask"])
         err = float(errors.mean())
         pix = float(pixel_error(generated, batch["person"], batch["mask"]).mean())
@@ -58,7 +58,7 @@ class Validator:
         })
         images, metrics, table = {"val/samples": grid}, {"val/pixel_error": pix}, []
         if hooks is not None:
-            map_metrics, maps_images, table = hooks.report(self.batch, generated.cpu(), errors.tolist())
+            map_metrics, maps_images, table = hooks.report(samples.maps, self.batch, generated.cpu(), errors.tolist())
             metrics.update(map_metrics)
             images.update(maps_images)
         return ValidationResult(err, images, generated.cpu(), metrics, table)

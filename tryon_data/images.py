@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common.images import from_pil
+
 Size = tuple[int, int]  # (H, W)
 
 
@@ -57,15 +59,9 @@ def _resize(im: Image.Image, size: Size, resample: int) -> Image.Image:
     return im if im.size == (w, h) else im.resize((w, h), resample)
 
 
-def image_to_tensor(im: Image.Image) -> torch.Tensor:
-    """PIL RGB -> float32 (3, H, W) in [-1, 1]."""
-    a = np.asarray(im, dtype=np.float32)
-    return torch.from_numpy(a / 127.5 - 1.0).permute(2, 0, 1).contiguous()
-
-
 def read_rgb(path: Path | str, size: Size) -> torch.Tensor:
     """An RGB image resized to ``size`` (bicubic; PIL antialiases when shrinking), in [-1, 1]."""
-    return image_to_tensor(_resize(open_image(path, "RGB"), size, Image.BICUBIC))
+    return from_pil(_resize(open_image(path, "RGB"), size, Image.BICUBIC))
 
 
 def read_mask(path: Path | str, size: Size) -> torch.Tensor:

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, default_collate
 
+from common.images import from_uint8
+
 from .boxes import Box, coco_box_miou, score_boxes, summarise
 
 
@@ -35,28 +37,20 @@ class R2GMapper:
     def __init__(self, model: Any, diffusion: Any, steps: int, guidance_scale: float, seed: int,
                  device: torch.device) -> None:
         from i2am import AttentionMonitor
-        from losses import build_train_scheduler
-        from models.sampling import build_sample_scheduler
+        from models.sampling import Sampler
 
-        self.model, self.steps, self.guidance, self.seed, self.device = model, steps, guidance_scale, seed, device
-        self.scheduler = build_sample_scheduler(build_train_scheduler(
-            diffusion.num_train_timesteps, diffusion.beta_schedule, diffusion.prediction_type))
-        half = (lambda b: slice(b // 2, None)) if guidance_scale != 1.0 else None
+        self.model, self.seed, self.device = model, seed, device
+        self.sampler = Sampler.from_config(diffusion, steps=steps, guidance_scale=guidance_scale)
         self.monitor = AttentionMonitor(model.unet, reference_grid=model.reference_grid,
-                                        extra_tokens=model.extra_tokens, num_steps=steps, pair_layers=False,
-                                        batch_slice=half)
+                                        extra_tokens=model.extra_tokens, num_steps=steps, pair_layers=False)
         self.calls = 0
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any]) -> torch.Tensor:
-        from models.sampling import sample_tryon
-
         batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        self.monitor.reset()
-        gen = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + self.calls)
+        seed = self.seed * 1_000_003 + self.calls
         self.calls += 1
-        sample_tryon(self.model, batch, self.scheduler, self.steps, self.guidance, generator=gen)
-        return self.monitor.maps().unified("r2g").float().cpu()
+        return self.sampler(self.model, batch, seed=seed, monitor=self.monitor).maps.unified("r2g").float().cpu()
 
     def close(self) -> None:
         self.monitor.close()
@@ -67,7 +61,7 @@ class R2GMapper:
         h, w = int(resolution[0]), int(resolution[1])
 
         def map_fn(image: np.ndarray, box: Box) -> torch.Tensor:
-            img = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()[None] / 127.5 - 1
+            img = from_uint8(image)[None]
             ih, iw = image.shape[:2]
             y0, x0, y1, x1 = box
             crop = F.interpolate(img[:, :, y0:y1, x0:x1], size=(h, w), mode="bicubic", align_corners=False,

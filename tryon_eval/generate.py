@@ -14,11 +14,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
+from common.images import save_png
 from configs.schema import Config
 
 
@@ -45,17 +44,8 @@ def sample_name(dataset: Dataset, index: int) -> str:
 
 
 # ----------------------------------------------------------------------------------- files
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """(3, H, W) in [-1, 1] -> uint8 (H, W, 3)."""
-    return ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-
-
-def save_png(image: torch.Tensor, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(to_uint8(image)).save(tmp)
-    os.replace(tmp, path)  # a killed run never leaves a half-written PNG that looks done
-
-
+# PNGs are written with common.images.save_png (atomically: a killed run never leaves a
+# half-written PNG that looks done).
 def write_json(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
@@ -99,12 +89,10 @@ def generate(model: Any, dataset: Dataset, out: Path, *, steps: int, guidance_sc
     from tqdm.auto import tqdm
 
     from i2am import AttentionMonitor
-    from losses import build_train_scheduler
-    from models.sampling import build_sample_scheduler, sample_tryon
-    from tryon_data.samples import colour_error, pixel_error
+    from models.sampling import Sampler
 
     from .boxes import score_boxes
-    from .metrics import imacs_per_sample
+    from .metrics import sample_scores
 
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -113,35 +101,24 @@ def generate(model: Any, dataset: Dataset, out: Path, *, steps: int, guidance_sc
     names = [sample_name(dataset, i) for i in range(len(dataset))]
     todo = [i for i, n in enumerate(names) if not ((images / f"{n}.png").is_file() and n in stats)]
     if todo:
-        d = settings["diffusion"]
-        scheduler = build_sample_scheduler(build_train_scheduler(d["num_train_timesteps"], d["beta_schedule"],
-                                                                 d["prediction_type"]))
-        cfg_half = (lambda b: slice(b // 2, None)) if guidance_scale != 1.0 else None  # record the conditional half
+        sampler = Sampler.from_config(settings["diffusion"], steps=steps, guidance_scale=guidance_scale)
         monitor = AttentionMonitor(model.unet, reference_grid=model.reference_grid, extra_tokens=model.extra_tokens,
-                                   num_steps=steps, pair_layers=False, batch_slice=cfg_half)
+                                   num_steps=steps, pair_layers=False)
         try:
             chunks = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
             for chunk in tqdm(chunks, desc=f"generate {out.name}", disable=not progress):
                 samples = [dataset[i] for i in chunk]
                 batch = default_collate(samples)
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                monitor.reset()
-                gen = torch.Generator(device).manual_seed(seed * 1_000_003 + chunk[0])
-                result = sample_tryon(model, batch, scheduler, steps, guidance_scale, generator=gen)
-                maps = monitor.maps()
-                r2g, g2r = maps.unified("r2g").float().cpu(), maps.unified("g2r").float().cpu()
-                imacs_g = imacs_per_sample(r2g, batch["mask"].cpu())
-                imacs_r = imacs_per_sample(g2r, batch["garment_mask"].cpu())
-                target = _targets(dataset, chunk, batch, paired)
-                cerr = (colour_error(result.cpu(), target, batch["mask"].cpu()).tolist() if target is not None
-                        else [None] * len(chunk))
-                perr = (pixel_error(result.cpu(), target, batch["mask"].cpu()).tolist() if target is not None
-                        else [None] * len(chunk))
-                boxes = score_boxes(list(r2g), batch["box"].cpu().tolist(), result.shape[-2:], seed=seed,
-                                    offset=chunk[0])
+                run = sampler(model, batch, seed=seed * 1_000_003 + chunk[0], monitor=monitor)
+                result = run.images
+                scores = sample_scores(result, batch, run.maps, target=_targets(dataset, chunk, batch, paired))
+                boxes = score_boxes(list(run.maps.unified("r2g").float().cpu()), batch["box"].cpu().tolist(),
+                                    result.shape[-2:], seed=seed, offset=chunk[0])
                 for k, s in enumerate(samples):
                     save_png(result[k], images / f"{s['name']}.png")
-                    stats[s["name"]] = {"imacs_g": imacs_g[k], "imacs_r": imacs_r[k], "colour_error": cerr[k], "pixel_error": perr[k],
+                    stats[s["name"]] = {**{key: scores[key][k] for key in ("imacs_g", "imacs_r", "colour_error",
+                                                                           "pixel_error")},
                                         **{key: boxes[k][key] for key in ("box", "iou", "iou_random", "iou_whole")}}
                 write_json({"settings": settings, "samples": stats}, sidecar_path)
         finally:

@@ -13,13 +13,16 @@ Feature extractors follow clean-fid's protocol: a callable taking float (N, 3, 2
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from common.images import from_uint8, to_uint8
 
 # IMACS helpers: one implementation, shared with training and `python -m i2am analyze`.
 from i2am.metrics import imacs_per_sample, mask_to_grid  # noqa: F401
@@ -156,7 +159,7 @@ def lpips_distance(model: torch.nn.Module, a: np.ndarray, b: np.ndarray, device:
     Images with a side under 64 px (only the synthetic default) are first upsampled
     (bilinear, both alike) so that the shorter side is 64."""
     def t(x: np.ndarray) -> torch.Tensor:
-        y = torch.from_numpy(np.array(x)).permute(2, 0, 1)[None].float().div(127.5).sub(1)
+        y = from_uint8(x)[None]
         short = min(y.shape[-2:])
         if short < LPIPS_MIN_SIDE:
             scale = LPIPS_MIN_SIDE / short
@@ -182,6 +185,34 @@ def paired_metrics(pairs: Sequence[tuple[Path, Path]], lpips_model: torch.nn.Mod
         lp.append(lpips_distance(lpips_model, a, b, device))
         ss.append(ssim(a, b))
     return {"lpips": float(np.mean(lp)), "ssim": float(np.mean(ss))}
+
+
+def sample_scores(generated: torch.Tensor, batch: Mapping[str, torch.Tensor], maps: Any,
+                  target: torch.Tensor | None = None, with_ssim: bool = False) -> dict[str, list[float | None]]:
+    """Per-sample scores of one generated batch (B, 3, H, W) in [-1, 1]: ``imacs_g`` (the R2G
+    map against the inpainting mask) and ``imacs_r`` (G2R against the garment mask) from the
+    I²AM ``maps`` (None where undefined), and against ``target`` (what the images should
+    be inside the mask; None: unknown, the scores are None) ``colour_error`` and
+    ``pixel_error`` inside the mask, and with ``with_ssim`` the whole image's ``ssim``."""
+    from tryon_data.samples import colour_error, pixel_error
+
+    n = generated.shape[0]
+    generated, mask = generated.cpu(), batch["mask"].cpu()
+    scores: dict[str, list[float | None]] = {
+        "imacs_g": imacs_per_sample(maps.unified("r2g").float().cpu(), mask),
+        "imacs_r": imacs_per_sample(maps.unified("g2r").float().cpu(), batch["garment_mask"].cpu()),
+    }
+    if target is None:
+        scores.update(colour_error=[None] * n, pixel_error=[None] * n)
+        if with_ssim:
+            scores["ssim"] = [None] * n
+        return scores
+    target = target.cpu()
+    scores["colour_error"] = colour_error(generated, target, mask).tolist()
+    scores["pixel_error"] = pixel_error(generated, target, mask).tolist()
+    if with_ssim:
+        scores["ssim"] = [ssim(a, b) for a, b in zip(to_uint8(generated), to_uint8(target))]
+    return scores
 
 
 def mean_or_none(values: Sequence[float | None]) -> float | None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from common import tables
 from train.checkpoint import CheckpointError, load_checkpoint
 
 from .generate import EvalError, build_eval_dataset, generate, write_json, write_reference
@@ -141,18 +142,17 @@ def _mode_metrics(gen: dict[str, Any], out: Path, mode: str, real_feats: Any, ex
     return m
 
 
-def _fmt(v: Any, digits: int = 4) -> str:
-    return "–" if v is None else f"{v:.{digits}f}"
+COLUMNS = [("n", "n"), ("fid", "FID ↓"), ("kid_x1000", "KID×1000 ↓"), ("lpips", "LPIPS ↓"), ("ssim", "SSIM ↑"),
+           ("imacs_g", "IMACS_g ↑"), ("imacs_r", "IMACS_r ↑"), ("colour_error", "colour error ↓"),
+           ("pixel_error", "pixel error ↓"), ("box_miou", "box mIoU ↑"), ("box_miou_random", "random box"),
+           ("box_miou_whole", "whole image")]
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    head = ("| mode | n | FID ↓ | KID×1000 ↓ | LPIPS ↓ | SSIM ↑ | IMACS_g ↑ | IMACS_r ↑ | colour error ↓ "
-            "| pixel error ↓ | box mIoU ↑ | random box | whole image |")
-    rows = [head, "|" + "---|" * 13]
-    for mode, m in results["modes"].items():
-        rows.append(f"| {mode} | {m['n']} | {_fmt(m['fid'])} | {_fmt(m['kid_x1000'])} | {_fmt(m['lpips'])} "
-                    f"| {_fmt(m['ssim'])} | {_fmt(m['imacs_g'])} | {_fmt(m['imacs_r'])} | {_fmt(m['colour_error'])} "
-                    f"| {_fmt(m['pixel_error'])} | {_fmt(m['box_miou'])} | {_fmt(m['box_miou_random'])} | {_fmt(m['box_miou_whole'])} |")
+    """The results as a markdown table (one row per mode; "–" where a number is undefined) and notes."""
+    table = tables.markdown_table(["mode", *(title for _, title in COLUMNS)],
+                                  [[mode, *(m[key] for key, _ in COLUMNS)] for mode, m in results["modes"].items()],
+                                  digits=4, missing="–")
     notes = [
         f"Checkpoint `{results['checkpoint']}` (step {results['step']}), data `{results['data']}` "
         f"{results['split']} at {results['resolution'][0]}×{results['resolution'][1]}, "
@@ -164,7 +164,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         "area ≥ ½). Colour error: mean |Δ| in [0, 1] inside the mask vs the true try-on (paired: the "
         "person; unpaired: synthetic data only). Box mIoU: box from the R2G map vs the sample's box.",
     ]
-    return "\n".join(rows) + "\n\n" + "\n".join(notes) + "\n"
+    return table + "\n\n" + "\n".join(notes) + "\n"
 
 
 __all__ = ["evaluate", "markdown_table", "default_out", "EvalError", "MODES"]
