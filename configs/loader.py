@@ -145,6 +145,7 @@ def validate(cfg: Config) -> None:
         ("train.batch_size", cfg.train.batch_size > 0, "> 0"),
         ("train.grad_accum", cfg.train.grad_accum > 0, "> 0"),
         ("train.checkpoint_limit", cfg.train.checkpoint_limit >= 1, ">= 1 (the newest checkpoint is always kept)"),
+        ("train.cpu_threads", cfg.train.cpu_threads is None or cfg.train.cpu_threads >= 1, ">= 1, or null (auto)"),
         ("optim.lr", cfg.optim.lr > 0, "> 0"),
         ("diffusion.sample_steps", 0 < cfg.diffusion.sample_steps <= cfg.diffusion.num_train_timesteps, "in [1, num_train_timesteps]"),
     ]
