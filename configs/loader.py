@@ -162,6 +162,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError("stability loss weights are set but monitor.enabled=false: the loss needs the monitor")
     if cfg.data.name != "synthetic" and not cfg.data.root:
         raise ConfigError(f"data.name={cfg.data.name!r} needs data.root=<dataset directory>")
+    if cfg.data.use_pose and cfg.data.name == "synthetic":
+        raise ConfigError("data.use_pose=true: the synthetic data set has no pose images "
+                          "(pose needs data.name=viton_hd or dresscode)")
+    if cfg.data.use_pose and not cfg.model.unet.use_pose:
+        raise ConfigError("data.use_pose=true loads a pose image per sample, but model.unet.use_pose=false: the UNet "
+                          "would ignore it. Set model.unet.use_pose=true (the UNet gets a pose input) or "
+                          "data.use_pose=false")
+    if cfg.model.unet.use_pose and not cfg.data.use_pose:
+        raise ConfigError("model.unet.use_pose=true gives the UNet a pose input, which needs a pose image per sample: "
+                          "set data.use_pose=true (viton_hd / dresscode), or model.unet.use_pose=false")
 
 
 def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Config:

@@ -178,3 +178,31 @@ def test_unquoted_no_in_a_yaml_file_says_to_quote_it(tmp_path):
     assert "train.mixed_precision" in msg and str(f) in msg and "quote" in msg and "'no'" in msg
     f.write_text("train:\n  mixed_precision: 'no'\n")
     assert load_config(files=[f]).train.mixed_precision == "no"
+
+
+def test_pose_settings_must_agree(tmp_path):
+    """data.use_pose loads a pose image the UNet only uses with model.unet.use_pose (and the
+    reverse needs the image): a mismatch is a config error before anything is built."""
+    real = ["data.name=viton_hd", f"data.root={tmp_path}"]
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[*real, "data.use_pose=true"])
+    msg = str(err.value)
+    assert "data.use_pose=true" in msg and "model.unet.use_pose=false" in msg and "model.unet.use_pose=true" in msg
+    with pytest.raises(ConfigError, match=r"model\.unet\.use_pose=true.*data\.use_pose=true"):
+        load_config(overrides=[*real, "model.unet.use_pose=true"])
+    with pytest.raises(ConfigError, match=r"synthetic.*no pose"):
+        load_config(overrides=["data.use_pose=true", "model.unet.use_pose=true"])
+    cfg = load_config(overrides=[*real, "data.use_pose=true", "model.unet.use_pose=true"])
+    assert cfg.data.use_pose and cfg.model.unet.use_pose
+
+
+def test_pose_mismatch_stops_train_py_before_writing(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_entry", ROOT / "train.py")
+    train_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_script)
+    out = tmp_path / "run"
+    code = train_script.main([f"train.output_dir={out}", "data.name=dresscode", f"data.root={tmp_path}",
+                              "data.use_pose=true"])
+    assert code == 2 and "model.unet.use_pose" in capsys.readouterr().err and not out.exists()
