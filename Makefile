@@ -23,10 +23,15 @@ train: $(STAMP)
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no \
 		--dynamo_backend no --num_cpu_threads_per_process $(NPROC) train.py $(ARGS)
 
-# Headless Chromium renders the HTML report in the browser test (Debian's package).
+# Headless Chromium renders the HTML report in the browser test (Debian's package). The test
+# looks for these names on PATH; when none is there after the install, this target fails.
+CHROMIUM_NAMES ?= chromium chromium-browser google-chrome
+FIND_CHROMIUM  := for b in $(CHROMIUM_NAMES); do command -v $$b >/dev/null && exit 0; done; exit 1
 chromium:
-	@command -v chromium >/dev/null || (apt-get update -qq && \
+	@sh -c '$(FIND_CHROMIUM)' || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+	@sh -c '$(FIND_CHROMIUM)' || (echo "Chromium install failed: none of '$(CHROMIUM_NAMES)' is on PATH" \
+		"(the browser test needs one: apt-get update && apt-get install -y chromium)" >&2; exit 1)
 
 # Whole suite, slow end-to-end tests included.
 test: $(STAMP) chromium

@@ -21,6 +21,7 @@ real photos (:mod:`i2am.photos`), write to ``out``:
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -205,20 +206,82 @@ def write_figures(out: Path, run: RunOutput, inputs: TryOnInputs, garment_mask: 
             "time_groups": groups}
 
 
+# ------------------------------------------------------------------------ early checks
+def check_photos(*, garment: str | Path, mask: str | Path, person: str | Path | None = None,
+                 agnostic: str | Path | None = None, garment_mask: str | Path | None = None) -> None:
+    """Open every photo and mask and compare each mask's size with its photo's: the problems a
+    user fixes in seconds, found before a model loads (which can take minutes)."""
+    def opened(flag: str, path: str | Path, as_mask: bool = False):
+        try:
+            return open_photo(path, as_mask=as_mask)
+        except PhotoError as err:
+            raise PhotoError(f"{flag}: {err}") from None
+
+    which = "person" if person is not None else "agnostic"
+    base = opened(f"--{which}", person if person is not None else agnostic)  # type: ignore[arg-type]
+    m = opened("--mask", mask, as_mask=True)
+    if m.size != base.size:
+        raise PhotoError(f"--mask: the mask {m.describe()} must have the same size as the {which} photo "
+                         f"{base.describe()}")
+    if m.image.getextrema()[1] < 128:
+        raise PhotoError(f"--mask: the mask {m.describe()} has no white pixel (white = repaint): nothing would be "
+                         "repainted")
+    g = opened("--garment", garment)
+    if garment_mask is not None:
+        gm = opened("--garment-mask", garment_mask, as_mask=True)
+        if gm.size != g.size:
+            raise PhotoError(f"--garment-mask: the garment mask {gm.describe()} must have the garment photo's size "
+                             f"{g.size[0]}x{g.size[1]} ({g.describe()})")
+
+
+def ignored_flags(source: str | Path, *, prompt: str | None, resolution: Size | None,
+                  overrides: Sequence[str]) -> tuple[bool, list[str]]:
+    """(is the source a diffusers pipeline directory, the given flags it ignores, each with why).
+    Reads only model_index.json: nothing is loaded."""
+    p = Path(source).expanduser()
+    notes = []
+    if (p / "model_index.json").is_file():
+        try:
+            kind = json.loads((p / "model_index.json").read_text()).get("_class_name", "?")
+        except (OSError, ValueError, AttributeError):
+            kind = "?"
+        if overrides:
+            notes.append("--set is ignored: it overrides keys of a checkpoint's saved config; a diffusers pipeline "
+                         "has none")
+        if prompt is not None and kind == "PaintByExamplePipeline":
+            notes.append("--prompt is ignored: Paint-by-Example is conditioned on the garment image, not on text")
+        return True, notes
+    if resolution is not None:
+        notes.append("--resolution is ignored: a checkpoint runs at its training resolution (data.resolution in "
+                     "its saved config)")
+    if prompt is not None:
+        notes.append("--prompt is ignored: this project's checkpoints are conditioned on the garment image, "
+                     "not on text")
+    return False, notes
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------------- main
 def analyze(source: str | Path, *, garment: str | Path, mask: str | Path | None, out: str | Path,
             person: str | Path | None = None, agnostic: str | Path | None = None,
             garment_mask: str | Path | None = None, steps: int | None = None, seed: int = 0,
             guidance_scale: float | None = None, patches: Sequence[Cell] = (), num_patches: int = 3,
-            time_groups: int = 5, prompt: str = DEFAULT_PROMPT, resolution: Size | None = None,
+            time_groups: int = 5, prompt: str | None = None, resolution: Size | None = None,
             device: str | None = None, overrides: Sequence[str] = (), progress: bool = True,
-            log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the analysis and write every output (module docstring); returns summary.json's content."""
+            log: Callable[[str], None] = print, warn: Callable[[str], None] = _warn) -> dict[str, Any]:
+    """Run the analysis and write every output (module docstring); returns summary.json's content.
+    ``prompt=None``: the default prompt (text pipelines only). Flags the source ignores are
+    reported through ``warn`` (and listed in the summary)."""
     from .html_report import write_html_report
 
-    # Argument errors first: loading a model can take minutes.
+    # Argument and input errors first: loading a model can take minutes.
     if person is None and agnostic is None:
         raise AnalyzeError("pass the person photo (--person) or an agnostic image (--agnostic)")
+    if person is not None and agnostic is not None:
+        raise AnalyzeError("pass either --person or --agnostic, not both")
     if mask is None:
         raise AnalyzeError(f"--{'person' if person is not None else 'agnostic'} needs --mask PATH (white = the region "
                            "to repaint, same size as the photo): this tool has no human parser to derive one")
@@ -228,9 +291,15 @@ def analyze(source: str | Path, *, garment: str | Path, mask: str | Path | None,
             raise AnalyzeError(f"{flag}: no such file: {path}")
     if steps is not None and steps < 1 or num_patches < 0 or time_groups < 1:
         raise AnalyzeError("--steps and --time-groups must be >= 1, --num-patches >= 0")
+    check_photos(garment=garment, mask=mask, person=person, agnostic=agnostic, garment_mask=garment_mask)
+    is_pipeline, warnings = ignored_flags(source, prompt=prompt, resolution=resolution, overrides=overrides)
+    for message in warnings:
+        warn(message)
+    prompt = DEFAULT_PROMPT if prompt is None else prompt
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    src = open_source(source, overrides=overrides, device=device, resolution=resolution)
+    src = open_source(source, overrides=() if is_pipeline else overrides, device=device,
+                      resolution=resolution if is_pipeline else None)
     info = src.info()
     log(f"source: {info['kind']} {info['path']}" + (f" (step {info['step']})" if info.get("step") else ""))
     H, W = src.resolution
@@ -267,7 +336,7 @@ def analyze(source: str | Path, *, garment: str | Path, mask: str | Path | None,
                    "garment_letterbox": inputs.garment_box.to_dict()},
         "maps": {"generated_grid": list(maps.generated_grid), "reference_grid": list(maps.reference_grid),
                  "layers": maps.layer_names, "recorded_steps": maps.num_steps, "time_groups": figs["time_groups"]},
-        "notes": run.notes, "figures": figs["titles"],
+        "notes": run.notes, "warnings": warnings, "figures": figs["titles"],
     }
     write_html_report(out / "report.html", summary, out)
     summary["files"] = sorted({p.name for p in out.iterdir() if p.is_file()} | {"summary.json"})

@@ -43,12 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--num-patches", type=int, default=3, help="automatic patches when no --patch is given")
     a.add_argument("--time-groups", type=int, default=5, help="groups of steps for the time level")
     a.add_argument("--prompt", help="text prompt for StableDiffusionInpaintPipeline "
-                                    "(default: 'a person wearing a garment')")
+                                    "(default: 'a person wearing a garment'; other sources ignore it, with a warning)")
     a.add_argument("--resolution", metavar="HxW", help="pipelines only: the resolution to run at "
-                                                       "(default: the UNet's sample size, square)")
+                                                       "(default: the UNet's sample size, square; a checkpoint "
+                                                       "ignores it, with a warning)")
     a.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="checkpoints only: override a key of the saved config (repeatable)")
+                   help="checkpoints only: override a key of the saved config (repeatable; a pipeline "
+                        "ignores it, with a warning)")
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -60,13 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .analyze import AnalyzeError, analyze, parse_cell, parse_size
     from .photos import PhotoError
-    from .sources import DEFAULT_PROMPT
 
     try:
         analyze(args.source, person=args.person, agnostic=args.agnostic, mask=args.mask, garment=args.garment,
                 garment_mask=args.garment_mask, out=args.out, steps=args.steps, seed=args.seed,
                 guidance_scale=args.guidance_scale, patches=[parse_cell(c) for c in args.patch],
-                num_patches=args.num_patches, time_groups=args.time_groups, prompt=args.prompt or DEFAULT_PROMPT,
+                num_patches=args.num_patches, time_groups=args.time_groups, prompt=args.prompt,
                 resolution=parse_size(args.resolution) if args.resolution else None, device=args.device,
                 overrides=args.overrides, progress=not args.no_progress)
     except (AnalyzeError, PhotoError, ConfigError) as err:

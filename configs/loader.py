@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import typing
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -36,6 +37,59 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
 
 
 VALID_KEYS = _all_keys(Config)
+
+
+def _schema_type(key: str) -> Any:
+    """The annotated type of a dotted key in the schema, or None for an unknown key."""
+    cls: Any = Config
+    typ: Any = None
+    for part in key.split("."):
+        if not (isinstance(cls, type) and is_dataclass(cls)):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        typ = cls = hints[part]
+    return typ
+
+
+def _is_str_type(typ: Any) -> bool:
+    """str or Optional[str]."""
+    if typ is str:
+        return True
+    return typing.get_origin(typ) is typing.Union and set(typing.get_args(typ)) == {str, type(None)}
+
+
+def _override(item: str) -> DictConfig:
+    """One `key=value` as a config. The value is read as YAML (typed), except that a key the
+    schema types as a string takes the text as written: YAML 1.1 would turn `no`/`off`/`yes`/`on`
+    into booleans (`train.mixed_precision=no`) and `1e3` into a float. `null` still means None."""
+    key, raw = item.split("=", 1)
+    parsed = OmegaConf.from_dotlist([item])
+    if _is_str_type(_schema_type(key)):
+        value = OmegaConf.select(parsed, key, throw_on_missing=False)
+        if value is not None and not isinstance(value, str):
+            parsed = OmegaConf.create()
+            OmegaConf.update(parsed, key, raw, merge=False)
+    return parsed
+
+
+def _check_yaml_booleans(loaded: Any, source: str, prefix: str = "") -> None:
+    """A string-typed key given an unquoted `no`/`off`/`yes`/`on` in a YAML file: YAML reads it
+    as a boolean and the text is lost, so say how to write it."""
+    if not isinstance(loaded, DictConfig):
+        return
+    for name in loaded.keys():
+        key = f"{prefix}{name}"
+        node = loaded._get_node(name)
+        if isinstance(node, DictConfig):
+            _check_yaml_booleans(node, source, key + ".")
+        elif not OmegaConf.is_missing(loaded, name) and isinstance(loaded[name], bool) \
+                and _is_str_type(_schema_type(key)):
+            raise ConfigError(
+                f"config key '{key}' in {source} is the boolean {loaded[name]}, but it takes a string: YAML reads "
+                f"unquoted no/off/yes/on/true/false as booleans; quote the value, e.g. {key.rsplit('.', 1)[-1]}: "
+                f"'no'")
 
 
 def _closest(key: str) -> str:
@@ -91,6 +145,7 @@ def validate(cfg: Config) -> None:
         ("train.batch_size", cfg.train.batch_size > 0, "> 0"),
         ("train.grad_accum", cfg.train.grad_accum > 0, "> 0"),
         ("train.checkpoint_limit", cfg.train.checkpoint_limit >= 1, ">= 1 (the newest checkpoint is always kept)"),
+        ("train.cpu_threads", cfg.train.cpu_threads is None or cfg.train.cpu_threads >= 1, ">= 1, or null (auto)"),
         ("optim.lr", cfg.optim.lr > 0, "> 0"),
         ("diffusion.sample_steps", 0 < cfg.diffusion.sample_steps <= cfg.diffusion.num_train_timesteps, "in [1, num_train_timesteps]"),
     ]
@@ -107,6 +162,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError("stability loss weights are set but monitor.enabled=false: the loss needs the monitor")
     if cfg.data.name != "synthetic" and not cfg.data.root:
         raise ConfigError(f"data.name={cfg.data.name!r} needs data.root=<dataset directory>")
+    if cfg.data.use_pose and cfg.data.name == "synthetic":
+        raise ConfigError("data.use_pose=true: the synthetic data set has no pose images "
+                          "(pose needs data.name=viton_hd or dresscode)")
+    if cfg.data.use_pose and not cfg.model.unet.use_pose:
+        raise ConfigError("data.use_pose=true loads a pose image per sample, but model.unet.use_pose=false: the UNet "
+                          "would ignore it. Set model.unet.use_pose=true (the UNet gets a pose input) or "
+                          "data.use_pose=false")
+    if cfg.model.unet.use_pose and not cfg.data.use_pose:
+        raise ConfigError("model.unet.use_pose=true gives the UNet a pose input, which needs a pose image per sample: "
+                          "set data.use_pose=true (viton_hd / dresscode), or model.unet.use_pose=false")
 
 
 def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Config:
@@ -120,6 +185,7 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ())
             loaded = OmegaConf.load(path)
         except Exception as err:  # YAML syntax errors
             raise ConfigError(f"cannot parse config file {path}: {err}") from None
+        _check_yaml_booleans(loaded, str(path))
         cfg = _merge(cfg, loaded, str(path))
         # Merging "???" keeps the old value, so re-mark the file's required keys as missing.
         for key in OmegaConf.missing_keys(loaded):
@@ -128,7 +194,7 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ())
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=50)")
         key = item.split("=", 1)[0]
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"command-line override {item!r}", key)
+        cfg = _merge(cfg, _override(item), f"command-line override {item!r}", key)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"required config keys not set: {', '.join(missing)} "
@@ -144,8 +210,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         epilog="Overrides are dotted keys, e.g.: train.max_steps=50 model.unet.size=tiny",
     )
     parser.add_argument("--config", action="append", default=[], help="YAML file(s), merged in order")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (applied after every --config file, "
+                                                     "in the order given; --config may come anywhere)")
+    # Intermixed: `train.py train.resume=latest --config FILE data.root=...` (launch/slurm.sh) parses
+    # like `train.py --config FILE train.resume=latest data.root=...`.
+    args = parser.parse_intermixed_args(argv)
     return load_config(args.config, args.overrides)
 
 

@@ -109,6 +109,10 @@ class TrainConfig:
     validate_at_start: bool = True  # colour error of the untrained model, for the summary
     max_time_minutes: Optional[float] = None  # stop (with a checkpoint) after this long
     nan_tolerance: int = 5  # non-finite losses in a row before the run stops
+    # CPU training: torch threads per process. None = auto: all cores divided among the processes
+    # on the machine, unless the launch chose (accelerate's --num_cpu_threads_per_process, or
+    # OMP_NUM_THREADS set by the user). See train/threads.py.
+    cpu_threads: Optional[int] = None
 
 
 @dataclass

@@ -42,6 +42,8 @@ BOX_COLOUR = (0, 255, 0)  # the query-region rectangle: pure green, absent from 
 _DPI = 100
 _PAD, _TITLE_H, _SUPTITLE_H, _BAR_W = 10, 22, 28, 74  # layout, in figure pixels
 _LINE_H = 14  # a 10-pt line's height, in pixels
+_TITLE_LINE_H = 13  # a 9-pt (panel title) line's height, in pixels
+_MARGIN = 2  # background pixels kept around everything drawn (see _fit_canvas)
 
 
 def _as_tensor(x: ArrayLike, name: str) -> torch.Tensor:
@@ -175,8 +177,12 @@ def _figure(panels: Sequence[np.ndarray], titles: Sequence[str], ncols: int,
     """
     n = len(panels)
     nrows = math.ceil(n / ncols)
-    ch = max(p.shape[0] for p in panels) + _TITLE_H
     cw = max(max(p.shape[1] for p in panels), 60)
+    # Panel titles wider than their cell are wrapped (they would run into the neighbours' or
+    # past the figure's edge); the title band grows with the longest.
+    wrapped = ["\n".join(_wrap(t, cw, fontsize=9)) if t else "" for t in titles]
+    title_h = _TITLE_H + _TITLE_LINE_H * max([w.count("\n") for w in wrapped] + [0])
+    ch = max(p.shape[0] for p in panels) + title_h
     grid_w = ncols * cw + (ncols - 1) * _PAD
     grid_h = nrows * ch + (nrows - 1) * _PAD
     fw = _PAD + grid_w + (_BAR_W if bar else 0) + _PAD
@@ -191,11 +197,11 @@ def _figure(panels: Sequence[np.ndarray], titles: Sequence[str], ncols: int,
         return [x / fw, 1.0 - (y + h) / fh, w / fw, h / fh]
 
     axes = []
-    for k, (panel, title) in enumerate(zip(panels, titles)):
+    for k, (panel, title) in enumerate(zip(panels, wrapped)):
         r, c = divmod(k, ncols)
         ph, pw = panel.shape[:2]
         x = _PAD + c * (cw + _PAD) + (cw - pw) / 2
-        y = top + r * (ch + _PAD) + _TITLE_H
+        y = top + r * (ch + _PAD) + title_h
         ax = fig.add_axes(rect(x, y, pw, ph))
         ax.imshow(panel, interpolation="nearest")
         ax.set_axis_off()
@@ -205,7 +211,7 @@ def _figure(panels: Sequence[np.ndarray], titles: Sequence[str], ncols: int,
     if lines:
         fig.text(0.5, 1.0 - (top + _PAD) / 2 / fh, "\n".join(lines), ha="center", va="center", fontsize=10)
     if bar is not None:
-        cax = fig.add_axes(rect(_PAD + grid_w + 12, top + _TITLE_H, 12, grid_h - _TITLE_H))
+        cax = fig.add_axes(rect(_PAD + grid_w + 12, top + title_h, 12, grid_h - title_h))
         sm = ScalarMappable(norm=Normalize(vmin=bar.vmin, vmax=bar.vmax), cmap=bar.cmap)
         cb = fig.colorbar(sm, cax=cax)
         cb.ax.tick_params(labelsize=7)
@@ -214,7 +220,34 @@ def _figure(panels: Sequence[np.ndarray], titles: Sequence[str], ncols: int,
     return fig, axes
 
 
+def _fit_canvas(fig: Figure) -> None:
+    """Grow the figure so that everything drawn (titles, colour-bar ticks, offset text and
+    label) lies inside it with _MARGIN pixels to spare. Axes keep their size and their
+    position relative to each other in pixels, so panels stay one figure pixel per pixel."""
+    canvas = fig.canvas
+    canvas.draw()
+    box = fig.get_tightbbox(canvas.get_renderer())  # inches
+    dpi = fig.dpi
+    w_in, h_in = fig.get_size_inches()
+    fw, fh = round(w_in * dpi), round(h_in * dpi)
+    left = max(0, math.ceil(_MARGIN - box.x0 * dpi))
+    right = max(0, math.ceil(box.x1 * dpi - (fw - _MARGIN)))
+    bottom = max(0, math.ceil(_MARGIN - box.y0 * dpi))
+    top = max(0, math.ceil(box.y1 * dpi - (fh - _MARGIN)))
+    if not (left or right or bottom or top):
+        return
+    nw, nh = fw + left + right, fh + bottom + top
+    for ax in fig.axes:
+        p = ax.get_position()
+        ax.set_position([(p.x0 * fw + left) / nw, (p.y0 * fh + bottom) / nh, p.width * fw / nw, p.height * fh / nh])
+    for text in fig.texts:
+        x, y = text.get_position()
+        text.set_position(((x * fw + left) / nw, (y * fh + bottom) / nh))
+    fig.set_size_inches(nw / dpi + 1e-6, nh / dpi + 1e-6)
+
+
 def _render(fig: Figure) -> np.ndarray:
+    _fit_canvas(fig)
     canvas = fig.canvas
     canvas.draw()
     return np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[..., :3])

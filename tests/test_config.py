@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from configs import ConfigError, load_config
 from configs.loader import VALID_KEYS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_default_config_is_the_embedded_default():
@@ -116,3 +120,106 @@ def test_experiment_arms_differ_from_the_baseline_only_in_the_stability_loss(arm
         assert other[section] == base[section], section
     assert {k: v for k, v in other["train"].items() if k != "output_dir"} == \
         {k: v for k, v in base["train"].items() if k != "output_dir"}
+
+
+# ------------------------------------------------------------------ command line and YAML spellings
+def test_config_file_and_overrides_in_any_order(tmp_path):
+    """`launch/slurm.sh` puts `train.resume=latest` before the user's `--config FILE key=value`."""
+    from configs import parse_args
+
+    f = tmp_path / "small.yaml"
+    f.write_text("train:\n  max_steps: 11\n  batch_size: 3\n")
+    g = tmp_path / "more.yaml"
+    g.write_text("train:\n  batch_size: 5\n")
+    orders = [
+        ["train.resume=latest", "--config", str(f), "optim.lr=0.5"],
+        ["--config", str(f), "train.resume=latest", "optim.lr=0.5"],
+        ["train.resume=latest", "optim.lr=0.5", f"--config={f}"],
+    ]
+    for argv in orders:
+        cfg = parse_args(argv)
+        assert (cfg.train.resume, cfg.train.max_steps, cfg.train.batch_size, cfg.optim.lr) == \
+            ("latest", 11, 3, 0.5), argv
+    # files merge in the order given; an override beats every file, wherever it stands
+    cfg = parse_args(["train.batch_size=7", "--config", str(f), "--config", str(g)])
+    assert (cfg.train.max_steps, cfg.train.batch_size) == (11, 7)
+    cfg = parse_args(["--config", str(g), "--config", str(f)])
+    assert cfg.train.batch_size == 3
+    # later overrides of the same key win (slurm.sh's train.resume=latest can be overridden)
+    assert parse_args(["train.resume=latest", "--config", str(f), "train.resume=null"]).train.resume is None
+
+
+def test_viton_config_with_root_after_it_parses(tmp_path):
+    from configs import parse_args
+
+    paths = [f"model.{k}.pretrained={tmp_path / k}" for k in ("codec", "unet", "garment")]
+    cfg = parse_args(["train.resume=latest", "--config", str(ROOT / "configs" / "viton_hd.yaml"),
+                      f"data.root={tmp_path}", *paths])
+    assert cfg.data.name == "viton_hd" and cfg.data.root == str(tmp_path) and cfg.train.resume == "latest"
+    assert cfg.model.unet.pretrained == str(tmp_path / "unet") and cfg.train.mixed_precision == "fp16"
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("train.mixed_precision=no", "train.mixed_precision", "no"),  # the README's spelling
+    ("tracker.run_name=No", "tracker.run_name", "No"),             # Optional[str]: the text, not "False"
+    ("tracker.run_name=off", "tracker.run_name", "off"),
+    ("tracker.project=false", "tracker.project", "false"),
+])
+def test_yaml_boolean_spellings_are_strings_for_string_keys(override, key, expected):
+    """YAML 1.1 reads no/off/false as booleans; a string-typed key takes the text as written."""
+    from omegaconf import OmegaConf
+
+    cfg = load_config(overrides=[override])
+    assert OmegaConf.select(OmegaConf.structured(cfg), key) == expected
+
+
+def test_string_keys_keep_numbers_and_words_as_written():
+    cfg = load_config(overrides=["tracker.run_name=on", "tracker.project=1e3", "data.root=yes",
+                                 "data.category=upper_body", "train.resume=null"])
+    assert (cfg.tracker.run_name, cfg.tracker.project, cfg.data.root) == ("on", "1e3", "yes")
+    assert cfg.train.resume is None  # null is still "unset" for an Optional key
+    # typed keys are unchanged: booleans and numbers are still parsed
+    cfg = load_config(overrides=["monitor.enabled=no", "data.use_pose=off", "optim.lr=1e-3", "train.max_steps=9"])
+    assert cfg.monitor.enabled is False and cfg.data.use_pose is False
+    assert cfg.optim.lr == pytest.approx(1e-3) and cfg.train.max_steps == 9
+    with pytest.raises(ConfigError, match=r"train\.mixed_precision.*'fp32'"):
+        load_config(overrides=["train.mixed_precision=fp32"])
+
+
+def test_unquoted_no_in_a_yaml_file_says_to_quote_it(tmp_path):
+    f = tmp_path / "mp.yaml"
+    f.write_text("train:\n  mixed_precision: no\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(files=[f])
+    msg = str(err.value)
+    assert "train.mixed_precision" in msg and str(f) in msg and "quote" in msg and "'no'" in msg
+    f.write_text("train:\n  mixed_precision: 'no'\n")
+    assert load_config(files=[f]).train.mixed_precision == "no"
+
+
+def test_pose_settings_must_agree(tmp_path):
+    """data.use_pose loads a pose image the UNet only uses with model.unet.use_pose (and the
+    reverse needs the image): a mismatch is a config error before anything is built."""
+    real = ["data.name=viton_hd", f"data.root={tmp_path}"]
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[*real, "data.use_pose=true"])
+    msg = str(err.value)
+    assert "data.use_pose=true" in msg and "model.unet.use_pose=false" in msg and "model.unet.use_pose=true" in msg
+    with pytest.raises(ConfigError, match=r"model\.unet\.use_pose=true.*data\.use_pose=true"):
+        load_config(overrides=[*real, "model.unet.use_pose=true"])
+    with pytest.raises(ConfigError, match=r"synthetic.*no pose"):
+        load_config(overrides=["data.use_pose=true", "model.unet.use_pose=true"])
+    cfg = load_config(overrides=[*real, "data.use_pose=true", "model.unet.use_pose=true"])
+    assert cfg.data.use_pose and cfg.model.unet.use_pose
+
+
+def test_pose_mismatch_stops_train_py_before_writing(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_entry", ROOT / "train.py")
+    train_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_script)
+    out = tmp_path / "run"
+    code = train_script.main([f"train.output_dir={out}", "data.name=dresscode", f"data.root={tmp_path}",
+                              "data.use_pose=true"])
+    assert code == 2 and "model.unet.use_pose" in capsys.readouterr().err and not out.exists()

@@ -1,7 +1,8 @@
-"""tryon_eval's metrics against clean-fid's own functions, explicit formulas and hand cases."""
+"""tryon_eval's metrics against closed forms, the definitions written out and hand cases."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import Image
 
 from tryon_eval import boxes
 from tryon_eval.metrics import (RandomFeatures, build_lpips, fid_kid, image_features, imacs_per_sample,
-                                inception_extractor, mask_to_grid, paired_metrics, ssim)
+                                inception_extractor, lpips_distance, mask_to_grid, paired_metrics, ssim)
 from tryon_eval.weights import MissingWeightsError, find_alexnet, find_inception
 
 CPU = torch.device("cpu")
@@ -39,21 +40,89 @@ def folders(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------------- FID / KID
-def test_fid_kid_equal_clean_fids_own_functions(folders, monkeypatch):
+def test_features_follow_clean_fids_folder_protocol(folders):
+    """Our explicit file list gives the features clean-fid's folder reader gives (clean mode:
+    PIL bicubic to 299, batches of 32), so distances are computed on the same numbers."""
     import cleanfid.fid as cf
 
-    gen_dir, real_dir, gen, real = folders
+    gen_dir, _, gen, _ = folders
     fx = RandomFeatures(dim=16)
-    ours = fid_kid(image_features(sorted(gen), fx, CPU), image_features(sorted(real), fx, CPU))
-    fid_ref = cf.compute_fid(str(gen_dir), str(real_dir), mode="clean", custom_feat_extractor=fx, device=CPU,
-                             num_workers=0, verbose=False)
-    # compute_kid takes no custom extractor: give it ours through clean-fid's builder
-    monkeypatch.setattr(cf, "build_feature_extractor", lambda *a, **k: fx)
-    np.random.seed(0)  # 12 vs 10 images: KID draws subsets of 10 from numpy's global RNG
-    kid_ref = cf.compute_kid(str(gen_dir), str(real_dir), mode="clean", device=CPU, num_workers=0, verbose=False)
-    assert ours["fid"] == pytest.approx(fid_ref, rel=1e-9)
-    assert ours["kid"] == pytest.approx(kid_ref, rel=1e-9, abs=1e-15)
-    assert ours["fid"] > 0.1  # the two folders differ (a colour shift)
+    ours = image_features(sorted(gen), fx, CPU)
+    theirs = cf.get_folder_features(str(gen_dir), fx, num_workers=0, device=CPU, mode="clean", verbose=False)
+    assert ours.shape == (12, 16)
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def _with_moments(rng: np.random.Generator, n: int, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    """n samples whose sample mean and (n - 1)-normalised sample covariance are exactly
+    ``mean`` and ``cov`` (whitened noise, then coloured)."""
+    z = rng.standard_normal((n, len(mean)))
+    z -= z.mean(0)
+    z = z @ np.linalg.inv(np.linalg.cholesky(z.T @ z / (n - 1))).T  # sample covariance = I
+    return mean + z @ np.linalg.cholesky(cov).T
+
+
+def test_fid_is_the_frechet_distance_of_the_feature_gaussians():
+    """||m1 - m2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) by hand: S1 = Q D1 Q^T, S2 = Q D2 Q^T share
+    the (random) eigenvectors Q, so (S1 S2)^1/2 = Q (D1 D2)^1/2 Q^T and the trace term is
+    sum (sqrt d1 - sqrt d2)^2 = (1-2)^2 + (2-1)^2 + (3-1)^2 + (0.5-1)^2 = 6.25; the means differ
+    by (3, 0, -4, 0): 25. FID = 31.25."""
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((4, 4)))
+    s1 = q @ np.diag([1.0, 4.0, 9.0, 0.25]) @ q.T
+    s2 = q @ np.diag([4.0, 1.0, 1.0, 1.0]) @ q.T
+    m1, m2 = np.array([1.0, 2.0, -1.0, 0.5]), np.array([-2.0, 2.0, 3.0, 0.5])
+    a, b = _with_moments(rng, 300, m1, s1), _with_moments(rng, 200, m2, s2)
+    assert fid_kid(a, b)["fid"] == pytest.approx(31.25, rel=1e-6)
+    assert fid_kid(b, a)["fid"] == pytest.approx(31.25, rel=1e-6)
+    # same moments, different samples: 0
+    assert fid_kid(a, _with_moments(rng, 50, m1, s1))["fid"] == pytest.approx(0.0, abs=1e-6)
+    # sampled (not moment-matched) Gaussians: the estimate approaches the closed form
+    big_a = rng.multivariate_normal(m1, s1, size=20000)
+    big_b = rng.multivariate_normal(m2, s2, size=20000)
+    assert fid_kid(big_a, big_b)["fid"] == pytest.approx(31.25, rel=0.02)
+
+
+def _mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 with the KID kernel k(a, b) = (a.b / d + 1)^3, written out pair by pair."""
+    d = x.shape[1]
+
+    def k(a: np.ndarray, b: np.ndarray) -> float:
+        return (float(np.dot(a, b)) / d + 1.0) ** 3
+
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_kid_is_the_unbiased_polynomial_mmd():
+    # by hand, d = 2: x = {(0, 0), (1, 1)}, y = {(0, 0), (2, 0)}; k(a, b) = (a.b / 2 + 1)^3
+    # xx: k(x0, x1) = 1 (both orders) -> 1; yy: 1 likewise; xy: (1 + 1 + 1 + (2/2 + 1)^3) / 4 = 2.75
+    # KID = 1 + 1 - 2 * 2.75 = -3.5. FID of the same sets: means differ by (-0.5, 0.5) -> 0.5;
+    # S1 = [[.5, .5], [.5, .5]], S2 = [[2, 0], [0, 0]], S1 S2 has eigenvalues 1, 0 -> 1 + 2 - 2 * 1 = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy: S1 S2 is singular (two points per set)
+        hand = fid_kid(np.array([[0.0, 0.0], [1.0, 1.0]]), np.array([[0.0, 0.0], [2.0, 0.0]]))
+    assert hand["kid"] == pytest.approx(-3.5, rel=1e-12) and hand["fid"] == pytest.approx(1.5, rel=1e-6)
+    # equal set sizes (<= 1000): clean-fid's subsets are the whole sets, so KID is exactly the estimator
+    rng = np.random.default_rng(1)
+    gen, real = rng.normal(0.3, 1.0, (40, 8)), rng.normal(0.0, 1.2, (40, 8))
+    assert fid_kid(gen, real)["kid"] == pytest.approx(_mmd2_unbiased(gen, real), rel=1e-9)
+    assert fid_kid(real, real[::-1])["kid"] == pytest.approx(_mmd2_unbiased(real, real), rel=1e-9)
+    # unequal sizes: the mean over subsets of the larger set (size of the smaller), reproducible
+    # with kid_seed, so between the smallest and largest estimate over those subsets
+    from itertools import combinations
+
+    small = real[:12]
+    per_subset = [_mmd2_unbiased(small[list(c)], real[:10]) for c in combinations(range(12), 10)]
+    kid = fid_kid(small, real[:10], kid_seed=3)["kid"]
+    assert min(per_subset) <= kid <= max(per_subset) and max(per_subset) - min(per_subset) > 1e-3
+    assert fid_kid(small, real[:10], kid_seed=3)["kid"] == kid
+    state = np.random.get_state()[1].copy()
+    fid_kid(small, real[:10], kid_seed=4)
+    assert np.array_equal(np.random.get_state()[1], state)  # numpy's global RNG is left as it was
 
 
 def test_identical_folders_give_zero_fid(folders):
@@ -138,6 +207,55 @@ def test_ssim_of_flat_images_is_the_luminance_formula():
     b = np.full((20, 16, 3), 150, np.uint8)
     c1 = (0.01 * 255) ** 2  # contrast/structure term is C2 / C2 = 1 for flat images
     assert ssim(a, b) == pytest.approx((2 * 100 * 150 + c1) / (100 ** 2 + 150 ** 2 + c1), rel=1e-9)
+
+
+def _ssim_written_out(a: np.ndarray, b: np.ndarray) -> float:
+    """Wang et al. (2004): an 11x11 Gaussian window (sigma 1.5, sums to 1) slid over every
+    position where it fits inside the image, population (co)variances, C1 = (0.01 L)^2,
+    C2 = (0.03 L)^2 with L = 255; mean over positions, then over channels."""
+    r = np.arange(-5, 6)
+    g = np.exp(-r ** 2 / (2 * 1.5 ** 2))
+    win = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    h, w = a.shape[:2]
+    means = []
+    for ch in range(3):
+        x, y = a[..., ch].astype(np.float64), b[..., ch].astype(np.float64)
+        vals = []
+        for i in range(h - 10):
+            for j in range(w - 10):
+                px, py = x[i:i + 11, j:j + 11], y[i:i + 11, j:j + 11]
+                mx, my = (win * px).sum(), (win * py).sum()
+                vx, vy = (win * (px - mx) ** 2).sum(), (win * (py - my) ** 2).sum()
+                cxy = (win * (px - mx) * (py - my)).sum()
+                vals.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2)))
+        means.append(np.mean(vals))
+    return float(np.mean(means))
+
+
+def test_ssim_equals_the_definition_written_out():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (24, 19, 3)).astype(np.uint8)
+    smooth = np.kron(rng.integers(0, 256, (6, 5, 3)), np.ones((4, 4, 1)))[:24, :19]
+    b = np.clip(0.6 * a + 0.4 * smooth + rng.normal(0, 12, a.shape), 0, 255).astype(np.uint8)
+    expected = _ssim_written_out(a, b)
+    assert 0.05 < expected < 0.95  # a case far from both ends
+    assert ssim(a, b) == pytest.approx(expected, rel=1e-9)
+    assert ssim(b, a) == pytest.approx(expected, rel=1e-9)
+
+
+def test_lpips_is_zero_on_identical_images_and_symmetric():
+    """No AlexNet weights on this machine (a known-value check needs them): the properties any
+    LPIPS has, on the random backbone: d(x, x) = 0, d(x, y) = d(y, x) > 0, also for images
+    under 64 px (upsampled alike)."""
+    model = build_lpips("random")
+    rng = np.random.default_rng(0)
+    for shape in ((32, 24, 3), (80, 64, 3)):
+        x = rng.integers(0, 256, shape).astype(np.uint8)
+        y = np.clip(x.astype(int) + rng.integers(-40, 41, shape), 0, 255).astype(np.uint8)
+        assert lpips_distance(model, x, x, CPU) == 0.0
+        d_xy, d_yx = lpips_distance(model, x, y, CPU), lpips_distance(model, y, x, CPU)
+        assert d_xy > 0 and d_xy == pytest.approx(d_yx, rel=1e-6)
 
 
 def test_lpips_loads_a_torchvision_alexnet_checkpoint(tmp_path):

@@ -5,7 +5,9 @@ can fail."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,22 +19,50 @@ from tests.analyze_data import analysed_checkpoint
 
 pytestmark = pytest.mark.slow  # renders the report of a trained tiny checkpoint (see analyze_data)
 
-CHROMIUM = Path("/usr/bin/chromium")  # Debian's package: `apt-get install -y chromium`
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")  # Debian, Ubuntu, Google's package
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+INSTALL = "apt-get update && apt-get install -y chromium (or `make chromium`)"
 
 
-def _require_chromium() -> None:
-    if not CHROMIUM.is_file():
-        reason = f"{CHROMIUM} not found: install it with `apt-get update && apt-get install -y chromium`"
-        print(reason)
+def find_chromium() -> Path | None:
+    """The first of BROWSERS on PATH."""
+    for name in BROWSERS:
+        found = shutil.which(name)
+        if found:
+            return Path(found)
+    return None
+
+
+def require_chromium() -> Path:
+    """The browser, or: under CI (CI=true) a failure, elsewhere a skip saying how to install it."""
+    path = find_chromium()
+    if path is None:
+        reason = f"no Chromium on PATH (looked for {', '.join(BROWSERS)}): install it with {INSTALL}"
+        if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI=true and {reason}")
         pytest.skip(reason)
+    return path
+
+
+def test_chromium_is_found_on_path_and_missing_fails_under_ci(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="no Chromium on PATH.*apt-get install -y chromium"):
+        require_chromium()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="chromium-browser, google-chrome"):
+        require_chromium()
+    fake = tmp_path / "google-chrome"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    assert require_chromium() == fake
 
 
 def _chromium(tmp: Path, *args: str) -> subprocess.CompletedProcess:
     profile = tmp / f"profile{len(list(tmp.glob('profile*')))}"  # a fresh profile per launch
-    return subprocess.run([str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run([str(require_chromium()), *FLAGS, f"--user-data-dir={profile}", *args],
+                          capture_output=True, text=True, timeout=120)
 
 
 def _images_loaded(tmp: Path, page: Path) -> tuple[int, int]:
@@ -44,7 +74,7 @@ def _images_loaded(tmp: Path, page: Path) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> Path:
-    _require_chromium()
+    require_chromium()
     out, _ = analysed_checkpoint(tmp_path_factory.getbasetemp())
     return out / "report.html"
 

@@ -60,7 +60,8 @@ def test_model_shapes_and_input_channels(tiny_model):
 
 
 def test_pose_adds_latent_channels():
-    cfg = load_config(overrides=["model.unet.size=test", "model.unet.use_pose=true"])
+    cfg = load_config(overrides=["model.unet.size=test"])
+    cfg.model.unet.use_pose = True  # the model alone (a config also needs real data with data.use_pose)
     model = build_model(cfg.model)
     c = model.latent_channels
     assert model.unet.config.in_channels == 3 * c + 1

@@ -127,9 +127,13 @@ def test_summary_reports_colour_errors(tmp_path):
 
 @pytest.mark.slow
 def test_two_steps_through_accelerate_launch(tmp_path):
-    """The README's main command, for 2 steps: a checkpoint and a W&B offline run."""
+    """The README's main command, for 2 steps: a checkpoint and a W&B offline run. No thread
+    count is given (accelerate would give the process 1): it trains on every core."""
+    from train.threads import available_cores
+
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    env.pop("WANDB_API_KEY", None)
+    for key in ("WANDB_API_KEY", "OMP_NUM_THREADS", "ACCELERATE_USE_CPU"):
+        env.pop(key, None)
     args = tiny_overrides(tmp_path, **{"train.max_steps": 2, "train.checkpoint_every": 2, "tracker.kind": "wandb"})
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"), *args]
@@ -144,3 +148,5 @@ def test_two_steps_through_accelerate_launch(tmp_path):
     assert tables and "imacs_g" in tables[0].read_text()
     assert list(offline[0].glob("files/media/images/i2am/r2g*.png"))
     assert "wandb sync" in proc.stdout + proc.stderr
+    cores = available_cores()
+    assert f"CPU threads per process: {cores} (auto: {cores} cores / 1 local process)" in proc.stdout.splitlines()

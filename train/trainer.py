@@ -33,6 +33,7 @@ from models.sampling import Sampler
 from .checkpoint import resolve_resume, save_checkpoint
 from .data import build_dataset, build_loader, to_device
 from .monitoring import MonitorHooks
+from .threads import apply_cpu_threads
 from .tracking import init_trackers, log_images, log_table, prepare_tracker_env, tracker_location
 from .validation import Validator
 
@@ -41,6 +42,7 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         tc = cfg.train
+        apply_cpu_threads(tc.cpu_threads)  # CPU only: accelerate launch gives each process 1 thread by default
         self.run_dir = Path(tc.output_dir).resolve()
         log_with = prepare_tracker_env(cfg.tracker, self.run_dir)
         self.accelerator = Accelerator(mixed_precision=tc.mixed_precision, log_with=log_with,
