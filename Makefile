@@ -6,7 +6,6 @@ PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 ARGS    ?=
-NPROC   := $(shell nproc 2>/dev/null || echo 1)
 
 .PHONY: train test test-fast bench chromium experiment
 
