@@ -5,6 +5,11 @@ the images were made with, and per sample what needs the attribution maps (IMACS
 IMACS_r, the R2G box and its IoUs) or the tensors (colour error). A sample counts as done
 when both its PNG and its entry exist, so a rerun only generates what is missing and never
 needs the maps of earlier runs again.
+
+A sample's result depends only on (seed, its index): its initial noise comes from its own
+generator (`sample_seed`) and its random baseline box from ``default_rng((seed, index))``.
+So an evaluation killed and resumed, or run with another batch size, writes the same
+images and numbers as one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from common.images import save_png
+from common.images import TEMP_GLOB, from_uint8, save_png, to_uint8
 from configs.schema import Config
 
 
@@ -35,6 +41,12 @@ def build_eval_dataset(cfg: Config, split: str, mode: str, limit: int | None, nu
         n = num_synthetic if limit is None else min(limit, num_synthetic)
         return build_dataset(cfg.data, split, mode, num_samples=n)
     return build_dataset(cfg.data, split, mode, num_samples=limit)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample ``index``'s noise generator: numpy's SeedSequence of (seed, index),
+    so that distinct pairs get unrelated streams (``seed * K + index`` would collide)."""
+    return int(np.random.SeedSequence((seed, index)).generate_state(1, np.uint64)[0])
 
 
 def sample_name(dataset: Dataset, index: int) -> str:
@@ -96,6 +108,8 @@ def generate(model: Any, dataset: Dataset, out: Path, *, steps: int, guidance_sc
 
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
+    for stale in images.glob(TEMP_GLOB):  # save_png's temporary files, left by a killed run
+        stale.unlink(missing_ok=True)
     sidecar_path = out / "samples.json"
     stats = load_sidecar(sidecar_path, settings)
     names = [sample_name(dataset, i) for i in range(len(dataset))]
@@ -110,11 +124,16 @@ def generate(model: Any, dataset: Dataset, out: Path, *, steps: int, guidance_sc
                 samples = [dataset[i] for i in chunk]
                 batch = default_collate(samples)
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                run = sampler(model, batch, seed=seed * 1_000_003 + chunk[0], monitor=monitor)
-                result = run.images
+                # per-sample noise: a sample's image doesn't depend on which others are missing
+                run = sampler(model, batch, seeds=[sample_seed(seed, i) for i in chunk], monitor=monitor)
+                # score what is saved: the 8-bit image (floats before rounding differ in the last
+                # bits between batch sizes; the PNG bytes don't)
+                result = from_uint8(to_uint8(run.images))
                 scores = sample_scores(result, batch, run.maps, target=_targets(dataset, chunk, batch, paired))
-                boxes = score_boxes(list(run.maps.unified("r2g").float().cpu()), batch["box"].cpu().tolist(),
-                                    result.shape[-2:], seed=seed, offset=chunk[0])
+                # one call per sample: `chunk` may skip indices (samples already done)
+                boxes = [score_boxes([m], [truth], result.shape[-2:], seed=seed, offset=i)[0]
+                         for i, m, truth in zip(chunk, run.maps.unified("r2g").float().cpu(),
+                                                batch["box"].cpu().tolist())]
                 for k, s in enumerate(samples):
                     save_png(result[k], images / f"{s['name']}.png")
                     stats[s["name"]] = {**{key: scores[key][k] for key in ("imacs_g", "imacs_r", "colour_error",
