@@ -242,7 +242,8 @@ def _bytes(folder: Path) -> dict[str, bytes]:
 def test_killed_evaluation_resumes_to_the_uninterrupted_result(run_dir, uninterrupted, tmp_path, monkeypatch):
     """Killed between writing a temporary PNG and renaming it (the 4th paired image, in the
     second chunk of 2), then rerun with batch size 2: the same bytes and numbers as one
-    uninterrupted run with batch size 3, and the leftover temporary file is never read."""
+    uninterrupted run with batch size 3, and the leftover temporary file is never read.
+    Then two lost images with a gap between them are made again in one chunk."""
     import os
     import shutil
 
@@ -279,6 +280,14 @@ def test_killed_evaluation_resumes_to_the_uninterrupted_result(run_dir, uninterr
         assert len(images) == 5 and images == _bytes(whole_dir / mode / "images"), mode
         _same_results(resumed["modes"][mode], whole["modes"][mode])
         _same_sidecars(tmp_path / "out" / mode / "samples.json", whole_dir / mode / "samples.json")
+    # Lost outputs with a gap between them (samples 1 and 3): one chunk [1, 3], same result.
+    for i in (1, 3):
+        (tmp_path / "out" / "unpaired" / "images" / f"synthetic_test_{i:06d}.png").unlink()
+    again = evaluate(run_dir, out=tmp_path / "out", batch_size=2, **RESUME)
+    assert again["modes"]["unpaired"]["generated_now"] == 2
+    assert _bytes(tmp_path / "out" / "unpaired" / "images") == _bytes(whole_dir / "unpaired" / "images")
+    _same_results(again["modes"]["unpaired"], whole["modes"]["unpaired"])
+    _same_sidecars(tmp_path / "out" / "unpaired" / "samples.json", whole_dir / "unpaired" / "samples.json")
 
 
 def test_a_leftover_temporary_png_is_not_counted(run_dir, uninterrupted, tmp_path, monkeypatch):
