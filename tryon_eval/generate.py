@@ -7,9 +7,10 @@ when both its PNG and its entry exist, so a rerun only generates what is missing
 needs the maps of earlier runs again.
 
 A sample's result depends only on (seed, its index): its initial noise comes from its own
-generator (`sample_seed`) and its random baseline box from ``default_rng((seed, index))``.
-So an evaluation killed and resumed, or run with another batch size, writes the same
-images and numbers as one uninterrupted run.
+generator (`sample_seed`) and its random baseline box from ``default_rng((seed, index))``;
+batches are fixed by index. So an evaluation killed and resumed writes the same images and
+numbers as one uninterrupted run; at another batch size only the last float bits of the
+batched arithmetic differ (see docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def generate(model: Any, dataset: Dataset, out: Path, *, steps: int, guidance_sc
              seed: int, device: torch.device, settings: dict[str, Any], paired: bool,
              progress: bool = False) -> dict[str, Any]:
     """Generate the samples of ``dataset`` missing from ``out``; returns
-    {"names": all names, "samples": per-sample stats, "generated": how many were made now}."""
+    {"names": all names, "samples": per-sample stats, "generated": how many were written now}."""
     from tqdm.auto import tqdm
 
     from i2am import AttentionMonitor
@@ -119,7 +120,12 @@ def generate(model: Any, dataset: Dataset, out: Path, *, steps: int, guidance_sc
         monitor = AttentionMonitor(model.unet, reference_grid=model.reference_grid, extra_tokens=model.extra_tokens,
                                    num_steps=steps, pair_layers=False)
         try:
-            chunks = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
+            # Batches are fixed by index (0..b-1, b..2b-1, ...) and a batch with anything missing
+            # is generated whole, so a resumed run computes every sample in the batch an
+            # uninterrupted one did: bitwise the same floats, not just the same noise.
+            missing = set(todo)
+            chunks = [c for k in range(0, len(names), batch_size)
+                      if missing.intersection(c := list(range(k, min(k + batch_size, len(names)))))]
             for chunk in tqdm(chunks, desc=f"generate {out.name}", disable=not progress):
                 samples = [dataset[i] for i in chunk]
                 batch = default_collate(samples)
@@ -130,11 +136,13 @@ def generate(model: Any, dataset: Dataset, out: Path, *, steps: int, guidance_sc
                 # bits between batch sizes; the PNG bytes don't)
                 result = from_uint8(to_uint8(run.images))
                 scores = sample_scores(result, batch, run.maps, target=_targets(dataset, chunk, batch, paired))
-                # one call per sample: `chunk` may skip indices (samples already done)
+                # the random baseline box of sample i: default_rng((seed, i)), whatever the batching
                 boxes = [score_boxes([m], [truth], result.shape[-2:], seed=seed, offset=i)[0]
                          for i, m, truth in zip(chunk, run.maps.unified("r2g").float().cpu(),
                                                 batch["box"].cpu().tolist())]
                 for k, s in enumerate(samples):
+                    if chunk[k] not in missing:  # done before: kept as it is
+                        continue
                     save_png(result[k], images / f"{s['name']}.png")
                     stats[s["name"]] = {**{key: scores[key][k] for key in ("imacs_g", "imacs_r", "colour_error",
                                                                            "pixel_error")},
