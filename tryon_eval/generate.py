@@ -132,8 +132,8 @@ def generate(model: Any, dataset: Dataset, out: Path, *, steps: int, guidance_sc
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 # per-sample noise: a sample's image doesn't depend on which others are missing
                 run = sampler(model, batch, seeds=[sample_seed(seed, i) for i in chunk], monitor=monitor)
-                # score what is saved: the 8-bit image (floats before rounding differ in the last
-                # bits between batch sizes; the PNG bytes don't)
+                # score what is saved, the 8-bit image, as FID/LPIPS/SSIM do: the scores then
+                # depend on the PNG's bytes, not on float bits below them
                 result = from_uint8(to_uint8(run.images))
                 scores = sample_scores(result, batch, run.maps, target=_targets(dataset, chunk, batch, paired))
                 # the random baseline box of sample i: default_rng((seed, i)), whatever the batching
