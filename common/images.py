@@ -62,6 +62,13 @@ def as_picture(image: PngSource) -> np.ndarray:
     return a
 
 
+# save_png's temporary files are hidden and end in ".tmp", not in an image extension, so that a
+# leftover of a killed process is never read as an image by anything listing a folder
+# (clean-fid's folder functions, globbing "*.png"); TEMP_GLOB finds them for clean-up.
+TEMP_SUFFIX = ".tmp"
+TEMP_GLOB = ".*" + TEMP_SUFFIX
+
+
 def save_png(image: PngSource, path: str | os.PathLike) -> None:
     """Write ``image`` (see :func:`as_picture`) as a PNG, creating parent folders.
 
@@ -70,7 +77,7 @@ def save_png(image: PngSource, path: str | os.PathLike) -> None:
     a = as_picture(image)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
     try:
         Image.fromarray(a).save(tmp, format="PNG")
         os.replace(tmp, path)
@@ -78,4 +85,4 @@ def save_png(image: PngSource, path: str | os.PathLike) -> None:
         tmp.unlink(missing_ok=True)
 
 
-__all__ = ["as_picture", "from_pil", "from_uint8", "save_png", "to_pil", "to_uint8"]
+__all__ = ["TEMP_GLOB", "as_picture", "from_pil", "from_uint8", "save_png", "to_pil", "to_uint8"]

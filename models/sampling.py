@@ -6,7 +6,7 @@ do; a monitor passed to the sampler records the conditional half only.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -56,7 +56,9 @@ class Sampler:
     ``sampler(model, batch, seed=0)`` returns :class:`Samples`. With ``guidance_scale != 1``
     every UNet call gets the doubled batch [unconditional (null garment tokens), conditional]
     and the predictions are mixed as ``uncond + scale * (cond - uncond)``. The initial noise
-    and DDIM's (eta = 0: unused) step noise come from one generator, in that order.
+    and DDIM's (eta = 0: unused) step noise come from one generator, in that order; or, with
+    ``seeds=`` (one per sample), sample k's from its own generator seeded with ``seeds[k]``,
+    so that a sample's noise depends neither on the batch it is in nor on its place there.
     """
 
     def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "scaled_linear",
@@ -87,41 +89,55 @@ class Sampler:
 
     @torch.no_grad()
     def __call__(self, model: TryOnModel, batch: Mapping[str, torch.Tensor], *,
-                 generator: torch.Generator | None = None, seed: int | None = None, monitor: Monitor | None = None,
+                 generator: torch.Generator | None = None, seed: int | None = None,
+                 seeds: Sequence[int] | None = None, monitor: Monitor | None = None,
                  paste_back: bool = True, progress: bool = False) -> Samples:
         """Generate the try-on images for a batch of agnostic persons, masks and garments.
 
         Noise comes from ``generator``, or from a new one seeded with ``seed`` on the batch's
-        device (neither: torch's global generator). ``monitor`` is reset, records this run
+        device (neither: torch's global generator), or with ``seeds`` from one generator per
+        sample on the batch's device (sample k gets the noise ``seed=seeds[k]`` gives a batch of
+        one). ``monitor`` is reset, records this run
         (the conditional half under guidance) and its ``maps()`` are returned; its
         ``batch_slice`` is restored after. ``paste_back`` keeps the person outside the
         inpainting mask, as try-on evaluations do."""
-        if generator is not None and seed is not None:
-            raise ValueError("pass a generator or a seed, not both")
+        if sum(x is not None for x in (generator, seed, seeds)) > 1:
+            raise ValueError("pass a generator, a seed or per-sample seeds, not both")
+        b = batch["garment"].shape[0]
+        if seeds is not None and len(seeds) != b:
+            raise ValueError(f"seeds: expected one per sample ({b}), got {len(seeds)}")
+        generators: torch.Generator | list[torch.Generator] | None = generator
+        if seed is not None or seeds is not None:
+            device = batch["garment"].device
+            generators = (torch.Generator(device).manual_seed(seed) if seed is not None
+                          else [torch.Generator(device).manual_seed(int(s)) for s in seeds])
         if monitor is None:
-            return Samples(self._sample(model, batch, generator, seed, paste_back, progress))
+            return Samples(self._sample(model, batch, generators, paste_back, progress))
         previous = monitor.batch_slice
         monitor.batch_slice = conditional_half if self.guided else None
         monitor.reset()
         try:
-            images = self._sample(model, batch, generator, seed, paste_back, progress)
+            images = self._sample(model, batch, generators, paste_back, progress)
             return Samples(images, monitor.maps())
         finally:
             monitor.batch_slice = previous
 
-    def _sample(self, model: TryOnModel, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None,
-                seed: int | None, paste_back: bool, progress: bool) -> torch.Tensor:
+    def _sample(self, model: TryOnModel, batch: Mapping[str, torch.Tensor],
+                generator: torch.Generator | list[torch.Generator] | None, paste_back: bool,
+                progress: bool) -> torch.Tensor:
         cond = model.condition(batch)
         tokens = model.garment_tokens(batch["garment"])
         b, _, h, w = cond.shape
-        if seed is not None:
-            generator = torch.Generator(cond.device).manual_seed(seed)
         guided, scale = self.guided, self.guidance_scale
         if guided:
             cond = torch.cat([cond, cond])
             tokens = torch.cat([model.null_garment_tokens(b).to(tokens.dtype), tokens])
-        latents = torch.randn((b, model.latent_channels, h, w), generator=generator, device=cond.device,
-                              dtype=tokens.dtype)
+        shape = (b, model.latent_channels, h, w)
+        if isinstance(generator, list):  # one generator per sample (diffusers' randn_tensor convention)
+            latents = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=cond.device, dtype=tokens.dtype)
+                                 for g in generator])
+        else:
+            latents = torch.randn(shape, generator=generator, device=cond.device, dtype=tokens.dtype)
         scheduler = self.scheduler
         scheduler.set_timesteps(self.steps, device=cond.device)
         latents = latents * scheduler.init_noise_sigma

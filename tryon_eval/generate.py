@@ -5,6 +5,12 @@ the images were made with, and per sample what needs the attribution maps (IMACS
 IMACS_r, the R2G box and its IoUs) or the tensors (colour error). A sample counts as done
 when both its PNG and its entry exist, so a rerun only generates what is missing and never
 needs the maps of earlier runs again.
+
+A sample's result depends only on (seed, its index): its initial noise comes from its own
+generator (`sample_seed`) and its random baseline box from ``default_rng((seed, index))``;
+batches are fixed by index. So an evaluation killed and resumed writes the same images and
+numbers as one uninterrupted run; at another batch size only the last float bits of the
+batched arithmetic differ (see docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -14,10 +20,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from common.images import save_png
+from common.images import TEMP_GLOB, from_uint8, save_png, to_uint8
 from configs.schema import Config
 
 
@@ -35,6 +42,12 @@ def build_eval_dataset(cfg: Config, split: str, mode: str, limit: int | None, nu
         n = num_synthetic if limit is None else min(limit, num_synthetic)
         return build_dataset(cfg.data, split, mode, num_samples=n)
     return build_dataset(cfg.data, split, mode, num_samples=limit)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample ``index``'s noise generator: numpy's SeedSequence of (seed, index),
+    so that distinct pairs get unrelated streams (``seed * K + index`` would collide)."""
+    return int(np.random.SeedSequence((seed, index)).generate_state(1, np.uint64)[0])
 
 
 def sample_name(dataset: Dataset, index: int) -> str:
@@ -85,7 +98,7 @@ def generate(model: Any, dataset: Dataset, out: Path, *, steps: int, guidance_sc
              seed: int, device: torch.device, settings: dict[str, Any], paired: bool,
              progress: bool = False) -> dict[str, Any]:
     """Generate the samples of ``dataset`` missing from ``out``; returns
-    {"names": all names, "samples": per-sample stats, "generated": how many were made now}."""
+    {"names": all names, "samples": per-sample stats, "generated": how many were written now}."""
     from tqdm.auto import tqdm
 
     from i2am import AttentionMonitor
@@ -96,6 +109,8 @@ def generate(model: Any, dataset: Dataset, out: Path, *, steps: int, guidance_sc
 
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
+    for stale in images.glob(TEMP_GLOB):  # save_png's temporary files, left by a killed run
+        stale.unlink(missing_ok=True)
     sidecar_path = out / "samples.json"
     stats = load_sidecar(sidecar_path, settings)
     names = [sample_name(dataset, i) for i in range(len(dataset))]
@@ -105,17 +120,29 @@ def generate(model: Any, dataset: Dataset, out: Path, *, steps: int, guidance_sc
         monitor = AttentionMonitor(model.unet, reference_grid=model.reference_grid, extra_tokens=model.extra_tokens,
                                    num_steps=steps, pair_layers=False)
         try:
-            chunks = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
+            # Batches are fixed by index (0..b-1, b..2b-1, ...) and a batch with anything missing
+            # is generated whole, so a resumed run computes every sample in the batch an
+            # uninterrupted one did: bitwise the same floats, not just the same noise.
+            missing = set(todo)
+            chunks = [c for k in range(0, len(names), batch_size)
+                      if missing.intersection(c := list(range(k, min(k + batch_size, len(names)))))]
             for chunk in tqdm(chunks, desc=f"generate {out.name}", disable=not progress):
                 samples = [dataset[i] for i in chunk]
                 batch = default_collate(samples)
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                run = sampler(model, batch, seed=seed * 1_000_003 + chunk[0], monitor=monitor)
-                result = run.images
+                # per-sample noise: a sample's image doesn't depend on which others are missing
+                run = sampler(model, batch, seeds=[sample_seed(seed, i) for i in chunk], monitor=monitor)
+                # score what is saved, the 8-bit image, as FID/LPIPS/SSIM do: the scores then
+                # depend on the PNG's bytes, not on float bits below them
+                result = from_uint8(to_uint8(run.images))
                 scores = sample_scores(result, batch, run.maps, target=_targets(dataset, chunk, batch, paired))
-                boxes = score_boxes(list(run.maps.unified("r2g").float().cpu()), batch["box"].cpu().tolist(),
-                                    result.shape[-2:], seed=seed, offset=chunk[0])
+                # the random baseline box of sample i: default_rng((seed, i)), whatever the batching
+                boxes = [score_boxes([m], [truth], result.shape[-2:], seed=seed, offset=i)[0]
+                         for i, m, truth in zip(chunk, run.maps.unified("r2g").float().cpu(),
+                                                batch["box"].cpu().tolist())]
                 for k, s in enumerate(samples):
+                    if chunk[k] not in missing:  # done before: kept as it is
+                        continue
                     save_png(result[k], images / f"{s['name']}.png")
                     stats[s["name"]] = {**{key: scores[key][k] for key in ("imacs_g", "imacs_r", "colour_error",
                                                                            "pixel_error")},

@@ -111,17 +111,20 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
                                        data_range=255, channel_axis=-1))
 
 
-def build_lpips(backend: str = "alex", alexnet: Path | None = None) -> torch.nn.Module:
+def build_lpips(backend: str = "alex", alexnet: Path | None = None, seed: int = 0) -> torch.nn.Module:
     """LPIPS v0.1 with AlexNet. The linear heads ship inside the lpips package; the AlexNet
     backbone is loaded from ``alexnet`` (torchvision's ImageNet checkpoint) instead of
-    torchvision's downloader. ``backend="random"`` keeps a random backbone (a stand-in for
-    tests and smoke runs: NOT comparable)."""
+    torchvision's downloader. ``backend="random"`` keeps a random backbone drawn from
+    ``seed`` (a stand-in for tests and smoke runs: NOT comparable, but the same in every run,
+    so that a resumed evaluation reports what an uninterrupted one does)."""
     import warnings
 
     import lpips
 
-    with warnings.catch_warnings():  # torchvision's "pretrained is deprecated", from inside lpips
-        warnings.simplefilter("ignore", UserWarning)
+    # torch's global generator would make the random backbone differ from run to run
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        warnings.simplefilter("ignore", UserWarning)  # torchvision's "pretrained is deprecated", inside lpips
+        torch.manual_seed(seed)
         model = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
     if backend == "alex":
         if alexnet is None:

@@ -28,6 +28,9 @@ from .weights import find_alexnet, find_inception
 
 MODES: tuple[str, ...] = ("paired", "unpaired")
 NOT_COMPARABLE = "stand-in, NOT comparable with published numbers"
+# How the initial noise is seeded, in the settings of samples.json: folders generated with
+# the earlier per-chunk seeding (no such key) are refused rather than mixed with these.
+NOISE = "per-sample seed (seed, index)"
 
 
 def default_out(checkpoint: Path) -> Path:
@@ -57,6 +60,8 @@ def evaluate(checkpoint: str | Path, out: str | Path | None = None, modes: Seque
         raise EvalError(f"modes must be among {MODES}, got {list(modes)}")
     if limit is not None and limit < 1:
         raise EvalError(f"--limit must be >= 1, got {limit}")
+    if seed < 0:  # sample_seed's SeedSequence takes non-negative entropy only
+        raise EvalError(f"--seed must be >= 0, got {seed}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     # 1. metric networks (fail fast)
@@ -106,7 +111,7 @@ def evaluate(checkpoint: str | Path, out: str | Path | None = None, modes: Seque
         dataset = reference_set if mode == "paired" else build_eval_dataset(cfg, split, mode, limit, num_synthetic)
         settings = {"checkpoint": loaded.path.name, "step": loaded.step, "data": cfg.data.name,
                     "resolution": list(cfg.data.resolution), "mode": mode, "split": split, "steps": steps,
-                    "guidance_scale": guidance, "seed": seed, "diffusion": asdict(cfg.diffusion)}
+                    "guidance_scale": guidance, "seed": seed, "noise": NOISE, "diffusion": asdict(cfg.diffusion)}
         gen = generate(loaded.model, dataset, out / mode, steps=steps, guidance_scale=guidance,
                        batch_size=batch_size, seed=seed, device=dev, settings=settings, paired=mode == "paired",
                        progress=progress)
