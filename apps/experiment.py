@@ -1,17 +1,20 @@
-"""The paper's debugging experiment: train arms with the same seed, data and steps,
-evaluate them on the same held-out samples, write one markdown table and a figure.
+"""The stability experiment: arms trained with the same data and steps, each on several
+seeds, evaluated on the same held-out samples; one markdown table (mean ± sd over the
+seeds), the two fill baselines beside them, and figures of maps and samples.
 
-    python -m apps.experiment configs/experiments/baseline.yaml configs/experiments/refined.yaml [more arms] \
-        [--out runs/stability] [--eval-samples 64] [key=value ...]
+    python -m apps.experiment configs/experiments/baseline.yaml configs/experiments/anchored.yaml [more arms] \
+        [--seeds 0 1 2] [--out runs/stability] [--eval-samples 64] [key=value ...]
 
 Overrides apply to every arm (e.g. `train.max_steps=300` for a quicker look;
-`train.resume=latest` re-evaluates arms already trained).
+`train.resume=latest` re-evaluates arms already trained). A seed sets `train.seed` (weights,
+noise, timesteps, dropout); the data (`data.seed`) is the same for every arm and seed.
 """
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -20,79 +23,169 @@ from torch.utils.data import default_collate
 from common import tables
 from configs import load_config
 
+# (key, column title, decimals); a key missing from every row is left out of the table.
+COLUMNS = [("colour_error", "colour err ↓", 4), ("pixel_error", "pixel err ↓", 4),
+           ("pixel_error_worn", "pixel err (worn) ↓", 4), ("ssim", "SSIM ↑", 3), ("dispersion", "dispersion", 4),
+           ("centre_error", "centre err ↓", 3), ("imacs_g", "IMACS_g ↑", 2), ("imacs_r", "IMACS_r ↑", 2),
+           ("miou", "box mIoU ↑", 3), ("minutes", "train min", 1)]
+
+
+def _errors(out: torch.Tensor, batch: Mapping[str, Any]) -> dict[str, list[float]]:
+    """Colour and pixel error inside the inpainting mask, and the pixel error inside the
+    worn-garment mask (where the pattern must land) when the data set gives one."""
+    from tryon_data.samples import colour_error, pixel_error
+
+    person, mask = batch["person"], batch["mask"]
+    errors = {"colour_error": colour_error(out, person, mask).tolist(),
+              "pixel_error": pixel_error(out, person, mask).tolist()}
+    if "worn_mask" in batch:
+        errors["pixel_error_worn"] = pixel_error(out, person, batch["worn_mask"]).tolist()
+    return errors
+
+
+def _batches(dataset, num_samples: int, batch_size: int):
+    for start in range(0, num_samples, batch_size):
+        yield start, default_collate([dataset[i] for i in range(start, min(start + batch_size, num_samples))])
+
+
+def fill_baselines(trainer, num_samples: int, batch_size: int = 16) -> dict[str, dict[str, float]]:
+    """What a model that does no try-on scores: the mask filled with the training set's mean
+    garment colour (garment-blind), or with the garment's own mean colour (a flat copy)."""
+    from tryon_data.samples import masked_mean_colour
+    from train.data import build_dataset
+    from tryon_eval.metrics import ssim
+    from common.images import to_uint8
+
+    dataset = build_dataset(trainer.cfg.data, "test", num_samples=num_samples)
+    blind_colour = masked_mean_colour(trainer.train_set, num=512).view(1, 3, 1, 1)
+    rows: dict[str, dict[str, list[float]]] = {"fill: garment-blind": {}, "fill: garment's mean colour": {}}
+    for _, batch in _batches(dataset, num_samples, batch_size):
+        gm = batch["garment_mask"]
+        own = ((batch["garment"] * gm).sum((2, 3)) / gm.sum((2, 3)).clamp(min=1))[:, :, None, None]
+        mask, agnostic = batch["mask"], batch["agnostic"]
+        for name, colour in (("fill: garment-blind", blind_colour), ("fill: garment's mean colour", own)):
+            out = agnostic * (1 - mask) + colour * mask
+            scores = _errors(out, batch)
+            scores["ssim"] = [ssim(a, b) for a, b in zip(to_uint8(out), to_uint8(batch["person"]))]
+            for k, v in scores.items():
+                rows[name].setdefault(k, []).extend(v)
+    return {name: {k: float(np.mean(v)) for k, v in r.items()} for name, r in rows.items()}
+
 
 def evaluate_arm(trainer, num_samples: int, batch_size: int = 16) -> tuple[dict[str, float], tuple]:
-    """Colour/pixel error, SSIM, IMACS and dispersion on `num_samples` test samples (EMA
-    weights, fixed noise), and the first batch's (maps, batch, generated) for the
-    comparison figure. The per-sample scores are the evaluation's (`tryon_eval.metrics.sample_scores`);
-    dispersion is measured as in training (masked, every monitored layer) on one noised
-    forward per batch at seeded timesteps."""
+    """Held-out scores of one trained arm (EMA weights, fixed noise) and the first batch's
+    (maps, batch, generated) for the figures. Per-sample scores are the evaluation's
+    (`tryon_eval.metrics.sample_scores`, `tryon_eval.boxes.score_boxes`); the attention
+    readings (dispersion, centre error) come from one noised forward per batch at seeded
+    timesteps, measured as in training (`MonitorHooks.attention_readings`)."""
     from train.data import build_dataset
+    from tryon_eval.boxes import score_boxes
     from tryon_eval.metrics import sample_scores
 
     cfg, model, hooks = trainer.cfg, trainer.unwrapped, trainer.hooks
     sampler = trainer.validator.sampler
     dataset = build_dataset(cfg.data, "test", num_samples=num_samples)
-    rows: dict[str, list[float]] = {"colour_error": [], "pixel_error": [], "ssim": [], "imacs_g": [], "imacs_r": [],
-                                    "dispersion": []}
-    first_maps = None
+    rows: dict[str, list[float]] = {}
+    first = None
     with trainer.ema_weights(), torch.no_grad():
         model.eval()
-        for start in range(0, num_samples, batch_size):
-            batch = default_collate([dataset[i] for i in range(start, min(start + batch_size, num_samples))])
+        for start, batch in _batches(dataset, num_samples, batch_size):
             gen = torch.Generator().manual_seed(cfg.train.seed + start)  # sampling, then the noised forward
             with hooks.recording(sampler.steps) as monitor:
                 samples = sampler(model, batch, generator=gen, monitor=monitor)
             out, maps = samples.images, samples.maps
-            first_maps = first_maps or (maps, batch, out)
+            first = first or (maps, batch, out)
             scores = sample_scores(out, batch, maps, target=batch["person"], with_ssim=True)
-            for key in ("colour_error", "pixel_error", "ssim"):
-                rows[key] += scores[key]
-            for key in ("imacs_g", "imacs_r"):  # undefined where a map is constant
-                rows[key] += [v for v in scores[key] if v is not None]
-            rows["dispersion"].append(held_out_dispersion(trainer, batch, gen))
-    result = {k: float(np.mean(v)) for k, v in rows.items()}
+            scores.update(_errors(out, batch))
+            boxes = score_boxes(list(maps.unified("r2g").float().cpu()), batch["box"].tolist(), out.shape[-2:],
+                                seed=cfg.train.seed, offset=start)
+            scores["miou"] = [b["iou"] for b in boxes]
+            scores["miou_random"] = [b["iou_random"] for b in boxes]
+            for key, values in scores.items():  # IMACS is undefined (None) where a map is constant
+                rows.setdefault(key, []).extend(v for v in values if v is not None)
+            for key, value in held_out_readings(trainer, batch, gen).items():
+                rows.setdefault(key, []).append(value)
+    result = {k: float(np.mean(v)) for k, v in rows.items() if v}
     result["steps"] = trainer.step
     result["minutes"] = round(trainer.train_seconds / 60, 2)
-    return result, first_maps
+    return result, first
 
 
 @torch.no_grad()
-def held_out_dispersion(trainer, batch, gen: torch.Generator) -> float:
-    """Mean attention dispersion (masked, every monitored layer) of one noised forward of
-    `batch` at timesteps and noise drawn from `gen` (the training loss's forward process)."""
+def held_out_readings(trainer, batch, gen: torch.Generator) -> dict[str, float]:
+    """The monitor's attention readings (mean dispersion; centre error where the data knows
+    the true garment positions) of one noised forward of `batch` at timesteps and noise
+    drawn from `gen` (the training loss's forward process)."""
     model = trainer.unwrapped
     latents = model.codec.encode(batch["person"])
     noisy, _, t = trainer.diffusion_loss.noised(latents, gen)
     model(noisy, t, model.condition(batch), batch["garment"])
-    return trainer.hooks.dispersion(model.codec.latent_mask(batch["mask"]), t)
+    return {"dispersion": trainer.hooks.dispersion(model.codec.latent_mask(batch["mask"]), t)}
 
 
-COLUMNS = [("colour_error", "colour error ↓", 4), ("pixel_error", "pixel error ↓", 4), ("ssim", "SSIM ↑", 4), ("dispersion", "dispersion ↓", 4),
-           ("imacs_g", "IMACS_g ↑", 4), ("imacs_r", "IMACS_r ↑", 4), ("steps", "steps", 0), ("minutes", "min", 1)]
+def summarise(per_seed: Mapping[int, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Mean and sample standard deviation (ddof=1; 0 for one seed) of each metric over the seeds."""
+    keys = sorted({k for r in per_seed.values() for k in r})
+    mean, sd = {}, {}
+    for k in keys:
+        values = np.array([r[k] for r in per_seed.values() if k in r], dtype=np.float64)
+        mean[k] = float(values.mean())
+        sd[k] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return {"mean": mean, "sd": sd}
 
 
-def results_table(results: dict[str, dict[str, float]]) -> str:
-    """One row per arm (`common.tables.markdown_table`)."""
-    return tables.markdown_table(["arm", *(c[1] for c in COLUMNS)],
-                                 [[arm, *(r[k] for k, _, _ in COLUMNS)] for arm, r in results.items()],
-                                 align=["", *["right"] * len(COLUMNS)], digits=[0, *(d for *_, d in COLUMNS)])
+def results_table(results: Mapping[str, Mapping[str, Any]], baselines: Mapping[str, Mapping[str, float]] = {}) -> str:
+    """One row per fill baseline, then one per arm with mean ± sd over its seeds; columns
+    that no row has are left out."""
+    rows = [*baselines.values(), *(r["mean"] for r in results.values())]
+    columns = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    body = [[name, *(tables.fmt(r.get(k), d) for k, _, d in columns)] for name, r in baselines.items()]
+    for arm, r in results.items():
+        n = len(r["seeds"])
+        cells = []
+        for k, _, d in columns:
+            if k not in r["mean"]:
+                cells.append(tables.MISSING)
+            elif n > 1:
+                cells.append(f"{tables.fmt(r['mean'][k], d)} ± {tables.fmt(r['sd'][k], d)}")
+            else:
+                cells.append(tables.fmt(r["mean"][k], d))
+        body.append([f"{arm} ({n} seed{'s' * (n > 1)})", *cells])
+    return tables.markdown_table(["arm", *(c[1] for c in columns)], body, align=["", *["right"] * len(columns)])
 
 
-def comparison_figure(arms: dict[str, tuple], samples: int = 4) -> np.ndarray:
-    """Rows per arm: R2G over the generated images, G2R over the garments."""
+def comparison_figure(arms: Mapping[str, tuple], samples: int = 4) -> np.ndarray:
+    """Rows per arm: R2G over the generated images, G2R over the garments, and the
+    specific-reference map of the middle of the torso (what that patch drew on)."""
     from i2am import render
 
     panels = []
     for arm, (maps, batch, out) in arms.items():
         n = min(samples, out.shape[0])
-        panels.append(render.map_grid(maps.unified("r2g")[:n].cpu(), list(out[:n]), [f"{arm} #{i}" for i in range(n)],
+        titles = [f"{arm} #{i}" for i in range(n)]
+        panels.append(render.map_grid(maps.unified("r2g")[:n].cpu(), list(out[:n]), titles,
                                       suptitle=f"{arm}: R2G over the generated image", shared=False))
-        panels.append(render.map_grid(maps.unified("g2r")[:n].cpu(), list(batch["garment"][:n]),
-                                      [f"{arm} #{i}" for i in range(n)],
+        panels.append(render.map_grid(maps.unified("g2r")[:n].cpu(), list(batch["garment"][:n]), titles,
                                       suptitle=f"{arm}: G2R over the garment", shared=False))
+        # The torso's middle cell on the generated grid: what did that patch draw on?
+        grid = maps.generated_grid
+        y0, x0, y1, x1 = (int(v) for v in batch["box"][0])
+        h, w = out.shape[-2:]
+        y, x = (y0 + y1) * grid[0] // (2 * h), (x0 + x1) * grid[1] // (2 * w)
+        ref = maps.specific_reference((y, x, y + 1, x + 1))[0].float().cpu()
+        panels.append(render.specific_reference_figure(out[0], batch["garment"][0], (y, x, y + 1, x + 1), ref, grid))
     width = max(p.shape[1] for p in panels)
     return np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0)), constant_values=255) for p in panels])
+
+
+def samples_figure(arms: Mapping[str, tuple], samples: int = 8) -> np.ndarray:
+    """What users see: garment, ground truth and each arm's try-on, one column a sample."""
+    from i2am.render import sample_grid
+
+    (_, batch, _), n = next(iter(arms.values())), samples
+    columns = {"garment": batch["garment"][:n], "ground truth": batch["person"][:n]}
+    columns.update({arm: out[:n].cpu() for arm, (_, _, out) in arms.items()})
+    return sample_grid(columns)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,31 +196,43 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("arms", nargs="+", help="experiment config files (one per arm) and key=value overrides")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed of each run of every arm")
     parser.add_argument("--out", default="runs/stability")
     parser.add_argument("--eval-samples", type=int, default=64)
     args = parser.parse_intermixed_args(argv)
     files = [a for a in args.arms if "=" not in a]
     overrides = [a for a in args.arms if "=" in a]
     out = Path(args.out)
-    results, figures = {}, {}
+    results: dict[str, dict[str, Any]] = {}
+    figures: dict[str, tuple] = {}
+    baselines: dict[str, dict[str, float]] = {}
     for file in files:
         arm = Path(file).stem
-        cfg = load_config(files=[file], overrides=[f"train.output_dir={out / arm}", *overrides])
-        trainer = Trainer(cfg)
-        trainer.fit()
-        results[arm], figures[arm] = evaluate_arm(trainer, args.eval_samples)
-        trainer.close()
-        # Accelerate keeps process-wide state; start the next arm clean.
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        PartialState._reset_state()
-    table = results_table(results)
+        per_seed: dict[int, dict[str, float]] = {}
+        for seed in args.seeds:
+            cfg = load_config(files=[file], overrides=[f"train.output_dir={out / arm / f'seed{seed}'}",
+                                                       f"train.seed={seed}", *overrides])
+            trainer = Trainer(cfg)
+            trainer.fit()
+            per_seed[seed], first = evaluate_arm(trainer, args.eval_samples)
+            if not baselines:
+                baselines = fill_baselines(trainer, args.eval_samples)
+            if seed == args.seeds[0]:
+                figures[arm] = first
+            trainer.close()
+            # Accelerate keeps process-wide state; start the next run clean.
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+            PartialState._reset_state()
+        results[arm] = {"seeds": per_seed, **summarise(per_seed)}
+    table = results_table(results, baselines)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.json").write_text(json.dumps({"baselines": baselines, "arms": results}, indent=2))
     save_png(comparison_figure(figures), out / "maps.png")
+    save_png(samples_figure(figures), out / "samples.png")
     print(table)
-    print(f"\nwritten: {out / 'results.md'}, {out / 'results.json'}, {out / 'maps.png'}")
+    print(f"\nwritten: {out / 'results.md'}, {out / 'results.json'}, {out / 'maps.png'}, {out / 'samples.png'}")
     return 0
 
 

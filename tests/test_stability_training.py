@@ -67,13 +67,20 @@ def test_experiment_runner_writes_one_table_for_both_arms(tmp_path):
 
     overrides = [o for o in tiny_overrides(tmp_path, **{"train.max_steps": 2}) if not o.startswith("train.output_dir")]
     code = main(["configs/experiments/baseline.yaml", "configs/experiments/refined.yaml", "--out", str(tmp_path / "exp"),
-                 "--eval-samples", "4", *overrides])
+                 "--eval-samples", "4", "--seeds", "0", "1", *overrides])
     assert code == 0
     table = (tmp_path / "exp" / "results.md").read_text()
-    assert "| baseline |" in table and "| refined |" in table and "dispersion" in table
+    assert "| baseline (2 seeds) |" in table and "| refined (2 seeds) |" in table and "±" in table
+    assert "| fill: garment-blind |" in table and "| fill: garment's mean colour |" in table
     results = json.loads((tmp_path / "exp" / "results.json").read_text())
-    assert results["baseline"]["steps"] == results["refined"]["steps"] == 2
-    assert 0 <= results["baseline"]["colour_error"] <= 1
-    assert (tmp_path / "exp" / "maps.png").stat().st_size > 0
-    # Same seed and data, different loss: the arms differ only through the stability term.
-    assert results["baseline"]["dispersion"] != results["refined"]["dispersion"]
+    for arm in ("baseline", "refined"):
+        per_seed = results["arms"][arm]["seeds"]
+        assert sorted(per_seed) == ["0", "1"] and all(r["steps"] == 2 for r in per_seed.values())
+        colour = [r["colour_error"] for r in per_seed.values()]
+        assert results["arms"][arm]["mean"]["colour_error"] == pytest.approx(sum(colour) / 2)
+        assert results["arms"][arm]["sd"]["colour_error"] == pytest.approx(abs(colour[0] - colour[1]) / 2 ** 0.5)
+        assert all(0 <= r["miou"] <= 1 and 0 <= r["pixel_error"] <= 1 for r in per_seed.values())
+        for seed in (0, 1):
+            assert (tmp_path / "exp" / arm / f"seed{seed}" / "checkpoints").is_dir()
+    for name in ("maps.png", "samples.png"):
+        assert (tmp_path / "exp" / name).stat().st_size > 0

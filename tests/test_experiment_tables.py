@@ -1,0 +1,26 @@
+"""The experiment's summary and table, against hand-worked values."""
+import pytest
+
+from apps.experiment import results_table, summarise
+
+
+def test_summarise_is_mean_and_sample_sd_over_seeds():
+    s = summarise({0: {"a": 1.0, "b": 2.0}, 1: {"a": 3.0, "b": 2.0}, 2: {"a": 5.0, "b": 2.0}})
+    assert s["mean"] == {"a": 3.0, "b": 2.0}
+    assert s["sd"]["a"] == pytest.approx(2.0)  # sqrt(((1-3)^2 + 0 + (5-3)^2) / 2)
+    assert s["sd"]["b"] == 0.0
+    assert summarise({7: {"a": 0.5}})["sd"] == {"a": 0.0}  # one seed: no spread
+
+
+def test_table_has_fills_then_arms_with_mean_and_sd_and_drops_empty_columns():
+    results = {"anchored": {"seeds": {0: {}, 1: {}}, "mean": {"colour_error": 0.04, "pixel_error": 0.2},
+                            "sd": {"colour_error": 0.001, "pixel_error": 0.01}},
+               "baseline": {"seeds": {0: {}}, "mean": {"colour_error": 0.05}, "sd": {"colour_error": 0.0}}}
+    table = results_table(results, {"fill: blind": {"colour_error": 0.1, "pixel_error": 0.25}})
+    assert table.splitlines() == [
+        "| arm | colour err ↓ | pixel err ↓ |",
+        "|---|---:|---:|",
+        "| fill: blind | 0.1000 | 0.2500 |",
+        "| anchored (2 seeds) | 0.0400 ± 0.0010 | 0.2000 ± 0.0100 |",
+        "| baseline (1 seed) | 0.0500 | n/a |",
+    ]
