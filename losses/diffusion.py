@@ -4,7 +4,7 @@ The noise schedule itself (`models.sampling.build_train_scheduler`) lives with t
 sampler, so that training and sampling read one definition of it."""
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,8 @@ from diffusers.training_utils import compute_snr
 
 
 Metrics = dict[str, torch.Tensor]
+# One generator for the whole batch, or one per sample.
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
 class Noised(NamedTuple):
@@ -50,12 +52,25 @@ class DiffusionLoss:
         # v-prediction's MSE is (snr + 1) times epsilon-space error; epsilon's is snr times x0-space.
         return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
 
-    def noised(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> Noised:
+    def noised(self, latents: torch.Tensor, generator: Generators = None) -> Noised:
         """The forward process at random timesteps: noise and t drawn from ``generator`` (on
         its device, then moved to the latents'), the latents noised to t.
 
-        The noise is drawn first, then the timesteps (the order resumed runs rely on)."""
+        ``generator`` is one generator for the batch, or one per sample (the trainer keys
+        each sample's by its position in the data stream, so a sample's noise and t do not
+        depend on which rank or batch it lands in). The noise is drawn first, then the
+        timesteps, from each generator (the order resumed runs rely on)."""
         b, device = latents.shape[0], latents.device
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != b:
+                raise ValueError(f"DiffusionLoss.noised: {len(generator)} generators for a batch of {b}")
+            eps, t = [], []
+            for g in generator:
+                eps.append(torch.randn(latents.shape[1:], generator=g, device=g.device, dtype=latents.dtype))
+                t.append(torch.randint(0, self.scheduler.config.num_train_timesteps, (1,), generator=g,
+                                       device=g.device))
+            eps_all, t_all = torch.stack(eps).to(device), torch.cat(t).to(device)
+            return Noised(self.scheduler.add_noise(latents, eps_all, t_all), eps_all, t_all)
         draw_on = generator.device if generator is not None else device
 
         eps = torch.randn(latents.shape, generator=generator, device=draw_on, dtype=latents.dtype).to(device)
@@ -64,7 +79,7 @@ class DiffusionLoss:
         return Noised(self.scheduler.add_noise(latents, eps, t), eps, t)
 
     def __call__(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], latents: torch.Tensor,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, Metrics]:
+                 generator: Generators = None) -> tuple[torch.Tensor, Metrics]:
         noisy, noise, timesteps = self.noised(latents, generator)
         pred = model(noisy, timesteps)
         target = self.target(latents, noise, timesteps)

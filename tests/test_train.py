@@ -14,6 +14,7 @@ from configs import load_config
 from tests.conftest import tiny_overrides
 from train import Trainer
 from train.checkpoint import list_checkpoints, load_checkpoint
+from train.data import build_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,6 +80,68 @@ def test_resume_continues_exactly(tmp_path):
     for i, (x, y) in enumerate(zip(full.ema.shadow_params, resumed.ema.shadow_params)):
         assert y.device == resumed.accelerator.device
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=f"shadow param {i}")
+
+
+def test_a_checkpoint_without_the_schedule_state_resumes_it_at_its_step(tmp_path, capsys):
+    """Checkpoints written before train_state.json held the LR schedule (it was accelerate's
+    scheduler.bin then) resume with the schedule at their step."""
+    common = {"train.max_steps": 6, "optim.warmup_steps": 4, "optim.lr_scheduler": "linear", "optim.lr": 1e-3,
+              "train.resume": "latest"}
+    part = Trainer(load_config(overrides=tiny_overrides(tmp_path, **common)))
+    part.fit(stop_at=3)
+    part.close()
+    assert "train.resume=latest: no complete checkpoint in" in capsys.readouterr().out
+    ckpt = list_checkpoints(tmp_path / "run")[-1]
+    state = json.loads((ckpt / "train_state.json").read_text())
+    assert state["lr_scheduler"]["last_epoch"] == 3
+    del state["lr_scheduler"]
+    (ckpt / "train_state.json").write_text(json.dumps(state))
+    resumed = Trainer(load_config(overrides=tiny_overrides(tmp_path, **common)))
+    resumed.fit(stop_at=4)
+    resumed.close()
+    # Linear warm-up over 4 steps to 1e-3: 7.5e-4 after step 3 (the rate of step 4), 1e-3 after step 4.
+    assert resumed.history[0]["step"] == 4 and resumed.history[0]["train/lr"] == pytest.approx(1e-3, rel=1e-12)
+    assert resumed.lr_scheduler.last_epoch == 4
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == pytest.approx([1e-3])
+
+
+class _Randomised(torch.utils.data.Dataset):
+    """A data set that draws from torch's global generator, as real-data augmentation does."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, i: int) -> dict:
+        return {"index": i, "draw": torch.rand(())}
+
+
+def _stream(batch_size: int, world: int, start: int, batches: int, workers: int = 0) -> list[tuple[int, int, float]]:
+    """(position, index, draw) of `batches` global batches, ranks interleaved as the trainer reads them."""
+    its = [iter(build_loader(_Randomised(), batch_size, 7, r, world, start, num_workers=workers)) for r in range(world)]
+    out = []
+    for _ in range(batches):
+        for it in its:
+            b = next(it)
+            out += list(zip(b["position"].tolist(), b["index"].tolist(), b["draw"].tolist()))
+    return out
+
+
+def test_the_stream_is_the_same_on_any_process_count_worker_count_and_resume_point():
+    """Positions, samples and the data set's own random draws depend on the stream position only."""
+    torch.manual_seed(1)
+    one = _stream(8, 1, 0, 4)  # 32 samples: 3 epochs of 10 and a bit
+    assert [p for p, _, _ in one] == list(range(32))
+    # Each epoch is a permutation of the data set, seeded by data seed + epoch.
+    for e in range(3):
+        want = torch.randperm(10, generator=torch.Generator().manual_seed(7 + e)).tolist()
+        assert [i for _, i, _ in one[10 * e:10 * e + 10]] == want
+    torch.manual_seed(2)  # the global generator's state must not matter
+    assert _stream(4, 2, 0, 4) == one  # 2 ranks of 4
+    assert _stream(2, 4, 8, 3) == one[8:]  # 4 ranks of 2, resumed at sample 8
+    assert _stream(8, 1, 16, 2, workers=2) == one[16:]  # worker processes, resumed at sample 16
+    # The same sample index in another epoch draws again: the draw follows the position.
+    first = {i: d for _, i, d in one[:10]}
+    assert sum(first[i] == d for _, i, d in one[10:20]) == 0
 
 
 def test_checkpoint_layout_and_limit(tmp_path):

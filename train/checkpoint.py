@@ -3,7 +3,11 @@ atomically; read back for inference with `load_checkpoint`.
 
 A checkpoint is written as `checkpoint-XXXXXXX.tmp/` and renamed only once
 complete, so a crash while saving never leaves a directory that resume would
-pick up half-written. Beside the accelerate state (model, optimizer, scheduler,
+pick up half-written. Re-saving a step moves the existing copy aside
+(`checkpoint-XXXXXXX.old/`) and deletes it only once the new one is in place;
+a checkpoint is removed by renaming it to `checkpoint-XXXXXXX.del/` first. So a
+kill at any moment leaves every step that was complete before the save complete
+under its own name or as its aside copy, which `list_checkpoints` counts. Beside the accelerate state (model, optimizer, scheduler,
 RNG states and the registered EMA as `custom_checkpoint_0.pkl`): the resolved
 `config.yaml`, `train_state.json` (step, samples seen, training time) and the
 model with the EMA weights in diffusers/safetensors layout (`model/`).
@@ -14,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +33,20 @@ if TYPE_CHECKING:
     from models.tryon import TryOnModel
 
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
+ASIDE = re.compile(r"^checkpoint-(\d+)\.old$")  # the previous copy of a step being re-saved
+CRASH_ENV = "TRYON_CRASH_AT"
+
+
+def _crash_point(name: str, step: int) -> None:
+    """For the fault tests: SIGKILL this process at a named point of a save when the
+    environment variable TRYON_CRASH_AT names it (``<name>`` or ``<name>@<step>``).
+    A no-op otherwise. Points: saved (new state complete as .tmp, nothing renamed),
+    aside (old copy of the step moved aside, new one not yet in place), committed (new
+    one in place, aside and old checkpoints not yet deleted), pruning (a checkpoint
+    renamed for deletion, not yet deleted)."""
+    want = os.environ.get(CRASH_ENV)
+    if want and want in (name, f"{name}@{step}"):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class CheckpointError(ValueError):
@@ -39,12 +58,21 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary `.tmp` directories are ignored)."""
+    """Complete checkpoints, oldest first: `checkpoint-N`, or its aside copy `checkpoint-N.old`
+    when a kill during a re-save of step N left only that. `.tmp` (being written) and `.del`
+    (being deleted) directories are ignored."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := PATTERN.match(p.name))]
-    return [p for _, p in sorted(found)]
+    found: dict[int, Path] = {}
+    for p in sorted(root.iterdir()):
+        if not p.is_dir():
+            continue
+        if m := PATTERN.match(p.name):
+            found[int(m.group(1))] = p
+        elif (m := ASIDE.match(p.name)) and not (root / p.name.removesuffix(".old")).exists():
+            found[int(m.group(1))] = p
+    return [found[k] for k in sorted(found)]
 
 
 def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
@@ -54,6 +82,8 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
         found = list_checkpoints(run_dir)
         return found[-1] if found else None  # a fresh run: nothing to resume yet
     path = Path(resume)
+    if not path.is_dir() and ASIDE.match(path.name + ".old") and path.with_name(path.name + ".old").is_dir():
+        path = path.with_name(path.name + ".old")  # killed while this step was re-saved: its aside copy
     if not (path / "train_state.json").is_file() and not any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"train.resume={resume!r}: {path} is not a checkpoint directory "
                                 f"(expected e.g. {checkpoint_dir(run_dir)}/checkpoint-0000100)")
@@ -64,24 +94,59 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, limit: i
                     write_extras: Callable[[Path], None]) -> Path:
     """Collective: every rank must call it. `write_extras(dir)` runs on the main
     process before the commit (config, model weights)."""
+    if limit < 1:
+        raise ValueError(f"train.checkpoint_limit={limit}: must be >= 1 (the newest checkpoint is always kept)")
     root = checkpoint_dir(run_dir)
     final = root / f"checkpoint-{step:07d}"
     tmp = root / (final.name + ".tmp")
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("*.tmp"):  # left by a crash during an earlier save
-            shutil.rmtree(stale, ignore_errors=True)
+        _tidy(root)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
         write_extras(tmp)
-        if final.exists():  # re-saving the same step (e.g. at the end of a run)
-            shutil.rmtree(final)
+        _crash_point("saved", step)
+        aside = None
+        if final.exists():  # re-saving a step (e.g. resumed from an older checkpoint): keep the old copy
+            aside = final.with_name(final.name + ".old")  # until the new one is in place
+            os.replace(final, aside)
+            _crash_point("aside", step)
         os.replace(tmp, final)
-        for old in list_checkpoints(run_dir)[:-limit]:
-            shutil.rmtree(old, ignore_errors=True)
+        _crash_point("committed", step)
+        if aside is not None:
+            _remove(aside, step)
+        # Never the one just written: it is complete, and the newest of this run even when
+        # checkpoints of higher steps (from before a resume of an older one) are still there.
+        others = [c for c in list_checkpoints(run_dir) if c != final]
+        for old in others[:max(len(others) - (limit - 1), 0)]:
+            _remove(old, step)
     accelerator.wait_for_everyone()
     return final
+
+
+def _remove(path: Path, step: int = -1) -> None:
+    """Delete a checkpoint directory so that a kill never leaves it half-deleted under a
+    name `list_checkpoints` counts: rename it to `.del` first."""
+    doomed = path.with_name(path.name.removesuffix(".old") + ".del")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    _crash_point("pruning", step)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _tidy(root: Path) -> None:
+    """Clear what an interrupted save left (main process, before a save): `.tmp` and `.del`
+    directories go; an aside copy goes back to its name if the step has no other copy, else it goes."""
+    for p in sorted(root.iterdir()):
+        if p.name.endswith((".tmp", ".del")):
+            shutil.rmtree(p, ignore_errors=True)
+        elif ASIDE.match(p.name):
+            final = root / p.name.removesuffix(".old")
+            if final.exists():
+                _remove(p)  # via .del: a half-deleted aside must never count as the step's copy
+            else:
+                os.replace(p, final)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -30,8 +31,9 @@ from losses import DiffusionLoss
 from models import build_model
 from models.sampling import Sampler
 
-from .checkpoint import resolve_resume, save_checkpoint
+from .checkpoint import checkpoint_dir, resolve_resume, save_checkpoint
 from .data import build_dataset, build_loader, to_device
+from .distributed import check_launch
 from .monitoring import MonitorHooks
 from .threads import apply_cpu_threads
 from .tracking import init_trackers, log_images, log_table, prepare_tracker_env, tracker_location
@@ -44,10 +46,12 @@ class Trainer:
         tc = cfg.train
         apply_cpu_threads(tc.cpu_threads)  # CPU only: accelerate launch gives each process 1 thread by default
         self.run_dir = Path(tc.output_dir).resolve()
+        check_launch(cfg)  # before the Accelerator: an FSDP plugin fails on CPUs with a less clear error
         log_with = prepare_tracker_env(cfg.tracker, self.run_dir)
         self.accelerator = Accelerator(mixed_precision=tc.mixed_precision, log_with=log_with,
                                        project_dir=str(self.run_dir))
         acc = self.accelerator
+        check_launch(cfg, acc.distributed_type)  # also an FSDP plugin passed in code
         if log_with == "wandb" and os.environ.get("WANDB_MODE") == "offline":
             acc.print(f"W&B: logging offline (no credentials, or WANDB_MODE=offline); "
                       f"upload later with: wandb sync {self.run_dir}/wandb/offline-run-*")
@@ -67,12 +71,13 @@ class Trainer:
         params = model.trainable_parameters()
         optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                       eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-        # accelerate's prepared scheduler steps the wrapped one num_processes times per optimizer
-        # step (split_batches=False), so warm-up and length are counted in process-steps.
-        lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer,
-                                     num_warmup_steps=cfg.optim.warmup_steps * acc.num_processes,
-                                     num_training_steps=tc.max_steps * acc.num_processes)
-        self.model, self.optimizer, self.lr_scheduler = acc.prepare(model, optimizer, lr_scheduler)
+        # The LR schedule is not handed to accelerate.prepare: a prepared scheduler steps the
+        # wrapped one num_processes times per optimizer step, which ties the schedule to the
+        # process count (and breaks resuming on a different count). The trainer steps it once
+        # per optimizer step and keeps its state in train_state.json.
+        self.lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer,
+                                          num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=tc.max_steps)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
         self.ema = EMAModel(params, decay=cfg.optim.ema_decay) if cfg.optim.ema_decay else None
         if self.ema is not None:
             self.ema.to(acc.device)
@@ -100,16 +105,24 @@ class Trainer:
     def _params(self) -> list[torch.nn.Parameter]:
         return self.unwrapped.trainable_parameters()
 
-    def _generator(self, micro_step: int) -> torch.Generator:
-        """Noise, timesteps and guidance dropout keyed by (seed, rank, micro-step):
-        different on every rank, and exactly reproducible after a resume."""
-        seed = (self.cfg.train.seed * 1_000_003 + self.accelerator.process_index * 7_919 + micro_step) % 2**63
-        return torch.Generator(self.accelerator.device).manual_seed(seed)
+    def _generators(self, positions: torch.Tensor) -> list[torch.Generator]:
+        """One generator per sample, keyed by (seed, the sample's position in the global data
+        stream): its guidance dropout, noise and timestep are the same whichever rank, batch
+        size or process count it is trained with, and exactly reproducible after a resume."""
+        device = self.accelerator.device
+        return [torch.Generator(device).manual_seed((self.cfg.train.seed * 2**40 + int(p)) % 2**63)
+                for p in positions.tolist()]
+
+    def _dropped(self, generators: list[torch.Generator]) -> torch.Tensor:
+        """(B,) bool: the samples whose garment is replaced by the null tokens (guidance dropout)."""
+        u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in generators])
+        return u.to(self.accelerator.device) < self.cfg.model.cfg_drop_prob
 
     def _write_extras(self, directory: Path) -> None:
         (directory / "config.yaml").write_text(to_yaml(self.cfg))
         (directory / "train_state.json").write_text(json.dumps(
             {"step": self.step, "samples_seen": self.samples_seen, "num_processes": self.accelerator.num_processes,
+             "global_batch": self._global_batch(), "lr_scheduler": self.lr_scheduler.state_dict(),
              "train_seconds": self.seconds_before + time.time() - self._fit_start}))
         with self.ema_weights():
             self.unwrapped.save_pretrained(directory / "model")
@@ -127,10 +140,27 @@ class Trainer:
         finally:
             self.ema.restore(self._params())
 
+    def _global_batch(self) -> int:
+        return self.cfg.train.batch_size * self.cfg.train.grad_accum * self.accelerator.num_processes
+
     def _resume(self, path: Path) -> None:
-        self.accelerator.load_state(str(path))
+        acc = self.accelerator
+        acc.load_state(str(path))
         state = json.loads((path / "train_state.json").read_text())
         self.step, self.samples_seen = state["step"], state["samples_seen"]
+        if "lr_scheduler" in state:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        else:
+            # Written before the schedule was saved here (its prepared copy counted process-steps):
+            # every diffusers schedule is a function of the optimizer step, so set it to that step.
+            self.lr_scheduler.last_epoch = self.step - 1
+            with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended here
+                warnings.simplefilter("ignore", UserWarning)
+                self.lr_scheduler.step()
+        if state.get("global_batch", self._global_batch()) != self._global_batch():
+            acc.print(f"note: {path} was trained with {state['global_batch']} samples per step, this run uses "
+                      f"{self._global_batch()} (train.batch_size x train.grad_accum x processes); the data stream "
+                      f"continues at sample {self.samples_seen}, but the run no longer matches an uninterrupted one")
         self.seconds_before = float(state.get("train_seconds", 0.0))
         if self.ema is not None:
             self.ema.to(self.accelerator.device)  # accelerate loads custom states onto the CPU
@@ -164,13 +194,13 @@ class Trainer:
         accum = cfg.train.grad_accum
         totals: dict[str, torch.Tensor] = {}
         for i in range(accum):
-            batch = to_device(next(batches), acc.device)
-            micro = self.step * accum + i
-            gen = self._generator(micro)
+            batch = next(batches)
+            gen = self._generators(batch["position"])  # drawn in order: dropout, noise, timestep
+            batch = to_device(batch, acc.device)
             model = self.unwrapped
             latents = model.codec.encode(batch["person"])
             cond = model.condition(batch)
-            drop = torch.rand(latents.shape[0], generator=gen, device=acc.device) < cfg.model.cfg_drop_prob
+            drop = self._dropped(gen)
             seen: dict[str, torch.Tensor] = {}
 
             def forward(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -224,6 +254,8 @@ class Trainer:
         acc.wait_for_everyone()
         if self.resume_from is not None:
             self._resume(self.resume_from)
+        elif tc.resume == "latest":
+            acc.print(f"train.resume=latest: no complete checkpoint in {checkpoint_dir(self.run_dir)}; starting at step 0")
         init_trackers(acc, cfg.tracker, self.run_dir, _flat_config(cfg))
 
         loader = build_loader(self.train_set, tc.batch_size, cfg.data.seed, acc.process_index, acc.num_processes,
