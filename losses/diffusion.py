@@ -63,11 +63,14 @@ class DiffusionLoss:
                           device=draw_on).to(device)
         return Noised(self.scheduler.add_noise(latents, eps, t), eps, t)
 
+    def loss(self, pred: torch.Tensor, latents: torch.Tensor, noised: Noised) -> tuple[torch.Tensor, Metrics]:
+        """The weighted MSE of a prediction made at ``noised`` (what `noised()` returned)."""
+        target = self.target(latents, noised.noise, noised.timesteps)
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+        loss = (per_sample * self.weights(noised.timesteps)).mean()
+        return loss, {"loss/diffusion": loss.detach(), "loss/mse": per_sample.mean().detach()}
+
     def __call__(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], latents: torch.Tensor,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, Metrics]:
-        noisy, noise, timesteps = self.noised(latents, generator)
-        pred = model(noisy, timesteps)
-        target = self.target(latents, noise, timesteps)
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
-        loss = (per_sample * self.weights(timesteps)).mean()
-        return loss, {"loss/diffusion": loss.detach(), "loss/mse": per_sample.mean().detach()}
+        noised = self.noised(latents, generator)
+        return self.loss(model(noised.noisy, noised.timesteps), latents, noised)

@@ -74,7 +74,8 @@ def test_moments_inside_the_layer_attention_equal_plain_attention_and_explicit_f
     q, k = _qk(b=2, heads=3, grid=(6, 5), ref=(7, 3), extra=extra, d=d)
     v = torch.randn(k.shape, generator=torch.Generator().manual_seed(3)).requires_grad_()
     scale = d ** -0.5
-    out, mu, var = attention_with_moments(q, k, v, None, scale, (7, 3), extra)
+    out, mu, var, anchored = attention_with_moments(q, k, v, None, scale, (7, 3), extra)
+    assert anchored is None
     plain = F.scaled_dot_product_attention(q, k, v)
     mu_e, var_e = attention_moments_explicit(q, k, scale, (7, 3), extra)
     assert out.shape == plain.shape
@@ -92,7 +93,7 @@ def test_moments_inside_attention_in_bfloat16_stay_close_to_float32():
     """Centred coordinates keep E||p||^2 - ||mu||^2 usable in bf16 autocast precision."""
     q, k = _qk(b=1, heads=2, grid=(8, 6), ref=(8, 6), extra=0, d=16)
     v = torch.randn(k.shape)
-    _, mu, var = attention_with_moments(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, 0.25, (8, 6))
+    _, mu, var, _ = attention_with_moments(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, 0.25, (8, 6))
     mu_e, var_e = attention_moments_explicit(q, k, 0.25, (8, 6))
     assert mu.dtype == var.dtype == torch.float32
     assert (var - var_e).abs().max() < 0.02 * var_e.max()  # bf16 keeps 8 bits: compare at ~1 %
