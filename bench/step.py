@@ -1,6 +1,6 @@
 """Cost of the stability loss per training step: plain vs fused vs naive.
 
-    python bench/step.py [--steps 10] [--repeats 3] [--skip-large]
+    python bench/step.py [--steps 10] [--repeats 3] [--skip-large] [--threads N]
 
 Side by side in one invocation, for each size:
 
@@ -60,10 +60,13 @@ SIZES = {
 MODES = ("plain", "fused", "colour", "2-call", "naive")
 
 
-def worker(size: str, device: str, steps: int, repeats: int) -> dict:
+def worker(size: str, device: str, steps: int, repeats: int, threads: int | None = None) -> dict:
     import ctypes
 
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     from diffusers import UNet2DConditionModel
 
     from i2am import AttentionMonitor
@@ -170,6 +173,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads in the workers (default: torch's); 1 is steadier on a busy machine")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -179,10 +184,10 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = ["toy"] + ([] if args.skip_large else ["sd15" if device == "cuda" else "sd15-reduced"])
-    print(machine())
+    print(machine() + (f"; workers use {args.threads} torch thread(s)" if args.threads else ""))
     rows = []
     for size in sizes:
-        job = dict(size=size, device=device, steps=args.steps, repeats=args.repeats)
+        job = dict(size=size, device=device, steps=args.steps, repeats=args.repeats, threads=args.threads)
         out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
                              cwd=ROOT)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)

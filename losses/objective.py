@@ -100,7 +100,7 @@ class TryOnObjective:
                             "as the worn-garment region", self.dataset)
                 self._warned_worn = True
             worn = batch["mask"]
-        return AttentionTargets(batch["person"], worn, batch.get("garment_pos"), keep)
+        return AttentionTargets(batch["person"], worn, batch.get("garment_pos"), keep, batch["garment"])
 
     @contextlib.contextmanager
     def _anchored(self, tryon: Any, batch: Mapping[str, Any]) -> Iterator[None]:

@@ -50,12 +50,14 @@ class AttentionTargets:
     `person` (B, 3, H, W) in [-1, 1] is the ground truth; `worn` (B, 1, H, W) in {0, 1} where
     the garment is worn in it; `garment_pos` (B, 2, H, W) the true garment position of each
     worn pixel (relative (y, x) in the garment image) or None; `keep` (B,) bool the samples
-    whose garment tokens were not dropped for guidance (None: all)."""
+    whose garment tokens were not dropped for guidance (None: all); `garment` (B, 3, H, W) the
+    garment image, for terms that warp it (Leffa's flow loss), or None."""
 
     person: torch.Tensor
     worn: torch.Tensor
     garment_pos: torch.Tensor | None = None
     keep: torch.Tensor | None = None
+    garment: torch.Tensor | None = None
     _grids: dict = field(default_factory=dict, repr=False)
 
     def on_grid(self, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -146,6 +148,10 @@ class StabilityLoss:
                 disp = masked_mean(var if want_grad else var.detach(), qmask)
             short = short_name(name)
             readings["dispersion"][name] = metrics[f"i2am/dispersion/{short}"] = disp.detach()
+            # Terms that need the batch besides this layer's statistics read it from `targets` in
+            # `_anchored`: that is also where Leffa's flow loss (mu, grid, targets.garment,
+            # targets.person, targets.worn, targets.keep) and the authors' CWG/TV/DCML (probabilities
+            # from s.query/s.key, the worn queries, targets.keep) plug in.
             anchored_terms = self._anchored(name, s, mu, var, targets, window, want_grad, readings, metrics)
             if not want_grad:
                 continue

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from i2am.dispersion import (atv, attention_anchored, attention_anchored_explicit, attention_moments,
+from i2am.dispersion import (anchored_variance, atv, attention_anchored, attention_anchored_explicit, attention_moments,
                              attention_moments_explicit, attention_with_moments, cell_centres, colour_anchors,
                              concentration, masked_mean, query_mask)
 from configs.schema import StabilityConfig
@@ -400,3 +400,18 @@ def test_position_on_a_batch_without_garment_positions_is_refused():
     with pytest.raises(ValueError, match="stability.position > 0 needs .*garment_pos"):
         StabilityLoss(StabilityConfig(position=1.0))({"x": _layer(q, k, grid, ref, 1, None)}, None,
                                                      targets=AttentionTargets(person, worn))
+
+
+def test_anchored_colours_in_bfloat16_stay_close_to_float32():
+    """Centred colours keep s - 2 y.c + ||y||^2 usable when the layer runs in bf16 autocast."""
+    grid, ref = (8, 6), (8, 6)
+    q, k = _qk(b=2, heads=2, grid=grid, ref=ref, extra=0, d=16)
+    v = torch.randn(k.shape)
+    garment, person, worn, _ = _images()
+    anchors = colour_anchors(garment, ref)
+    y = AttentionTargets(person, worn).on_grid(grid)[1]
+    half = attention_with_moments(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, 0.25, ref, anchors=anchors)
+    full = attention_with_moments(q, k, v, None, 0.25, ref, anchors=anchors)
+    assert half.anchored.dtype == torch.float32
+    cv_half, cv_full = anchored_variance(half.anchored, y), anchored_variance(full.anchored, y)
+    assert (cv_half - cv_full).abs().max() < 0.02 * cv_full.max()
