@@ -111,16 +111,15 @@ def evaluate_arm(trainer, num_samples: int, batch_size: int = 16) -> tuple[dict[
     return result, first
 
 
-@torch.no_grad()
 def held_out_readings(trainer, batch, gen: torch.Generator) -> dict[str, float]:
-    """The monitor's attention readings (mean dispersion; centre error where the data knows
-    the true garment positions) of one noised forward of `batch` at timesteps and noise
-    drawn from `gen` (the training loss's forward process)."""
-    model = trainer.unwrapped
-    latents = model.codec.encode(batch["person"])
-    noisy, _, t = trainer.diffusion_loss.noised(latents, gen)
-    model(noisy, t, model.condition(batch), batch["garment"])
-    return {"dispersion": trainer.hooks.dispersion(model.codec.latent_mask(batch["mask"]), t)}
+    """The monitor's attention readings of one noised forward of `batch` at noise and t drawn
+    from `gen` (`TryOnObjective.readings`, measured as training logs them): mean dispersion,
+    and the mean centre error where the data knows the true garment positions."""
+    readings = trainer.objective.readings(trainer.unwrapped, batch, gen)
+    out = {"dispersion": readings["i2am/dispersion/mean"]}
+    if "i2am/centre_error/mean" in readings:
+        out["centre_error"] = readings["i2am/centre_error/mean"]
+    return out
 
 
 def summarise(per_seed: Mapping[int, Mapping[str, float]]) -> dict[str, dict[str, float]]:

@@ -1,6 +1,6 @@
 """Cost of the stability loss per training step: plain vs fused vs naive.
 
-    python bench/step.py [--steps 10] [--repeats 3] [--skip-large]
+    python bench/step.py [--steps 10] [--repeats 3] [--skip-large] [--threads N]
 
 Side by side in one invocation, for each size:
 
@@ -10,7 +10,12 @@ Side by side in one invocation, for each size:
   `scaled_dot_product_attention` call, with the coordinates as extra value
   columns (`AttentionMonitor(moments=True)`; no probability matrix, no second
   kernel);
-* 2-call: the same statistics from a second, separate fused SDPA call on the
+* colour: the colour-anchored variance on every cross-attention layer instead,
+  fused the same way: the garment colours [g, ||g||^2] pooled to the token grid
+  ride along as four more value columns (`monitor.set_anchors`), the targets
+  (true colours and worn mask pooled to each query grid) are built every step,
+  as `losses.objective.TryOnObjective` does;
+* 2-call: the dispersion statistics from a second, separate fused SDPA call on the
   kept q/k (what a layer with a non-default processor gets);
 * naive: the same loss from explicit softmax probabilities kept for backward
   (what StableVITON's ATV and the I²AM authors' code do).
@@ -43,26 +48,31 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from monitor import _rss_kib, machine  # noqa: E402  (bench/monitor.py)
 
 SIZES = {
-    "toy": dict(unet="tiny", latent=(16, 12), grid=(8, 6), batch=16, channels=12),
-    "sd15": dict(unet="sd15", latent=(64, 48), grid=(32, 24), batch=2, channels=4),
+    # factor: image pixels per latent cell (the colour targets are pooled from image-size tensors)
+    "toy": dict(unet="tiny", latent=(16, 12), grid=(8, 6), batch=16, channels=12, factor=2),
+    "sd15": dict(unet="sd15", latent=(64, 48), grid=(32, 24), batch=2, channels=4, factor=8),
     "sd15-reduced": dict(unet=dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2,
                                    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                                    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
                                    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32),
-                         latent=(64, 48), grid=(32, 24), batch=1, channels=4),
+                         latent=(64, 48), grid=(32, 24), batch=1, channels=4, factor=8),
 }
-MODES = ("plain", "fused", "2-call", "naive")
+MODES = ("plain", "fused", "colour", "2-call", "naive")
 
 
-def worker(size: str, device: str, steps: int, repeats: int) -> dict:
+def worker(size: str, device: str, steps: int, repeats: int, threads: int | None = None) -> dict:
     import ctypes
 
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     from diffusers import UNet2DConditionModel
 
     from i2am import AttentionMonitor
+    from i2am.dispersion import colour_anchors
     from configs.schema import StabilityConfig
-    from losses.stability import StabilityLoss
+    from losses.stability import AttentionTargets, StabilityLoss
     from models.registry import unet_size
 
     spec = SIZES[size]
@@ -77,25 +87,38 @@ def worker(size: str, device: str, steps: int, repeats: int) -> dict:
     ctx = torch.randn(b, n_tok, kwargs["cross_attention_dim"], generator=g).to(device)
     t = torch.randint(0, 1000, (b,), generator=g).to(device)
     mask = torch.ones(b, 1, h, w, device=device)
+    # Image-size tensors for the colour term: garment, ground truth and a worn mask on the torso.
+    image = (h * spec["factor"], w * spec["factor"])
+    garment = (torch.rand(b, 3, *image, generator=g) * 2 - 1).to(device)
+    person = (torch.rand(b, 3, *image, generator=g) * 2 - 1).to(device)
+    worn = torch.zeros(b, 1, *image, device=device)
+    worn[..., image[0] // 4:3 * image[0] // 4, image[1] // 4:3 * image[1] // 4] = 1
     cuda = device == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
-    def one_step(loss_fn, monitor) -> None:
+    def one_step(loss_fn, monitor, colour: bool) -> None:
+        if colour:  # what the objective does per step: anchors before the forward, targets after
+            monitor.set_anchors(colour_anchors(garment, spec["grid"]))
         with autocast:
             out = unet(x, t, encoder_hidden_states=ctx).sample
             loss = out.float().square().mean()
             if loss_fn is not None:
-                extra, _ = loss_fn(monitor.last_attention(), mask, t)
+                targets = AttentionTargets(person, worn) if colour else None
+                extra, _ = loss_fn(monitor.last_attention(), mask, t, targets=targets)
                 loss = loss + extra
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if colour:
+            monitor.set_anchors(None)
 
     def setup(mode: str):
         if mode == "plain":
             return None, None
-        monitor = AttentionMonitor(unet, spec["grid"], keep_last=True, moments=mode == "fused", record=False)
-        return monitor, StabilityLoss(StabilityConfig(dispersion=1.0), explicit=mode == "naive")
+        monitor = AttentionMonitor(unet, spec["grid"], keep_last=True, moments=mode in ("fused", "colour"),
+                                   record=False)
+        cfg = StabilityConfig(colour=1.0) if mode == "colour" else StabilityConfig(dispersion=1.0)
+        return monitor, StabilityLoss(cfg, explicit=mode == "naive")
 
     def sync() -> None:
         if cuda:
@@ -106,7 +129,7 @@ def worker(size: str, device: str, steps: int, repeats: int) -> dict:
     samples: dict[str, list[float]] = {m: [] for m in MODES}
     for mode in MODES:  # warm-up
         monitor, loss_fn = setup(mode)
-        one_step(loss_fn, monitor)
+        one_step(loss_fn, monitor, mode == "colour")
         if monitor is not None:
             monitor.close()
     for _ in range(steps * repeats):
@@ -114,7 +137,7 @@ def worker(size: str, device: str, steps: int, repeats: int) -> dict:
             monitor, loss_fn = setup(mode)
             sync()
             t0 = time.perf_counter()
-            one_step(loss_fn, monitor)
+            one_step(loss_fn, monitor, mode == "colour")
             sync()
             samples[mode].append(time.perf_counter() - t0)
             if monitor is not None:
@@ -130,13 +153,13 @@ def worker(size: str, device: str, steps: int, repeats: int) -> dict:
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-                one_step(loss_fn, monitor)
+                one_step(loss_fn, monitor, mode == "colour")
                 sync()
                 peak = torch.cuda.max_memory_allocated()
             else:
                 libc.malloc_trim(0)
                 Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-                one_step(loss_fn, monitor)
+                one_step(loss_fn, monitor, mode == "colour")
                 peak = _rss_kib("VmHWM") * 1024
             peaks[mode] = min(peaks.get(mode, peak), peak)
             if monitor is not None:
@@ -150,6 +173,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads in the workers (default: torch's); 1 is steadier on a busy machine")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -159,10 +184,10 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = ["toy"] + ([] if args.skip_large else ["sd15" if device == "cuda" else "sd15-reduced"])
-    print(machine())
+    print(machine() + (f"; workers use {args.threads} torch thread(s)" if args.threads else ""))
     rows = []
     for size in sizes:
-        job = dict(size=size, device=device, steps=args.steps, repeats=args.repeats)
+        job = dict(size=size, device=device, steps=args.steps, repeats=args.repeats, threads=args.threads)
         out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
                              cwd=ROOT)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)

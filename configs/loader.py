@@ -130,6 +130,10 @@ CHOICES: dict[str, Iterable[str]] = {
 }
 
 
+# Data sets whose samples carry "garment_pos" (the position-anchored term needs it).
+DATA_WITH_GARMENT_POS: tuple[str, ...] = ("synthetic",)
+
+
 def validate(cfg: Config) -> None:
     """Checks the schema cannot express: choices, ranges, shapes."""
     node = OmegaConf.structured(cfg)
@@ -158,8 +162,17 @@ def validate(cfg: Config) -> None:
             f"data.resolution {list(cfg.data.resolution)} is not divisible by model.codec.pixel_factor={factor}"
         )
     st = cfg.stability
-    if (st.dispersion or st.atv or st.concentration) and not cfg.monitor.enabled:
+    weights = {k: getattr(st, k) for k in ("dispersion", "atv", "concentration", "colour", "position")}
+    negative = [f"stability.{k}={v}" for k, v in weights.items() if v < 0]
+    if negative:
+        raise ConfigError(f"{', '.join(negative)}: stability weights must be >= 0")
+    if any(weights.values()) and not cfg.monitor.enabled:
         raise ConfigError("stability loss weights are set but monitor.enabled=false: the loss needs the monitor")
+    if st.position and cfg.data.name not in DATA_WITH_GARMENT_POS:
+        raise ConfigError(
+            f"stability.position={st.position} needs each worn pixel's true garment position (sample key "
+            f"'garment_pos'), which data.name={cfg.data.name!r} does not give (only {list(DATA_WITH_GARMENT_POS)} "
+            f"does); set stability.position=0, or use stability.colour, which every data set supports")
     if cfg.data.name != "synthetic" and not cfg.data.root:
         raise ConfigError(f"data.name={cfg.data.name!r} needs data.root=<dataset directory>")
     if cfg.data.use_pose and cfg.data.name == "synthetic":

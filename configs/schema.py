@@ -141,12 +141,17 @@ class MonitorConfig:
 
 @dataclass
 class StabilityConfig:
-    """Attention-stability loss terms (weights 0 = off; dispersion is still logged)."""
+    """Attention-stability loss terms (weights 0 = off; dispersion, colour variance and, on
+    synthetic data, centre error are still logged)."""
 
     dispersion: float = 0.0
     atv: float = 0.0
     concentration: float = 0.0
     concentration_sigma: float = 0.1
+    # colour-anchored attention variance E_A||g - y||^2 over the worn-garment queries (every data set)
+    colour: float = 0.0
+    # position-anchored attention variance E_A||p - p*||^2 (needs sample["garment_pos"]: the synthetic set)
+    position: float = 0.0
     layers: Optional[List[str]] = None  # names or resolution levels like "16x12"; None = all monitored
     t_max: Optional[int] = None  # apply only for timesteps t < t_max
     warmup_steps: int = 0  # no stability loss before this step

@@ -21,8 +21,23 @@ Coordinates are centred (p - 0.5) inside the kernels, which keeps the
 cancellation in E||p||^2 - ||mu||^2 small in reduced precision. `*_explicit`
 versions build the matrix: they are the reference for tests and the naive
 baseline for `bench/step.py`.
+
+**Anchors.** Any per-sample values a_j on the reference grid (B, N_grid, C) ride
+along the same way: `attention_with_moments(..., anchors=a)` also returns
+`sum_j A_ij a_j` (softmax over the grid keys). With a_j = [g_j, ||g_j||^2], g_j
+the garment colour of key j's cell (`colour_anchors`), and y_i the true colour at
+query i,
+
+    E_A ||g - y_i||^2 = sum_j A_ij ||g_j - y_i||^2 = s_i - 2 y_i . c_i + ||y_i||^2
+
+(`anchored_variance`): the attention-score variance in colour space around the
+true colour, zero only when query i attends to cells of its own colour. With a
+known garment position p*_i the coordinates give E_A ||p - p*_i||^2 = Var_i +
+||mu_i - p*_i||^2 (`position_variance`).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -88,24 +103,129 @@ def attention_moments(query: torch.Tensor, key: torch.Tensor, scale: float, refe
     return _moments(F.scaled_dot_product_attention(q, k, values, scale=scale)[..., :3])
 
 
+class FusedAttention(NamedTuple):
+    """What one fused attention call returns: the layer output (in the values' dtype) and, in
+    float32, the centres (B, h, N_q, 2), dispersion (B, h, N_q) and, when anchors were given,
+    the anchored outputs sum_j A_ij a_j (B, h, N_q, C) over the grid keys (else None)."""
+
+    out: torch.Tensor
+    mu: torch.Tensor
+    var: torch.Tensor
+    anchored: torch.Tensor | None = None
+
+
+def _anchor_values(anchors: torch.Tensor, batch: int, extra_tokens: int, num_keys: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """(B, N_grid, C) anchors -> (B, 1, N_k, C) values with zero rows for the extra tokens."""
+    n_grid = num_keys - extra_tokens
+    if anchors.ndim != 3 or anchors.shape[0] != batch or anchors.shape[1] != n_grid:
+        raise ValueError(f"anchors must be (B={batch}, N_grid={n_grid}, C): one row per reference grid cell "
+                         f"of each sample, got {tuple(anchors.shape)}")
+    return F.pad(anchors, (0, 0, extra_tokens, 0)).to(dtype).unsqueeze(1)
+
+
 def attention_with_moments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attn_mask: torch.Tensor | None, scale: float, reference_grid: tuple[int, int],
-                           extra_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The layer's attention and its moments from one SDPA call: (out (B, h, N_q, d), mu, Var).
+                           extra_tokens: int = 0, anchors: torch.Tensor | None = None) -> FusedAttention:
+    """The layer's attention and its moments from one SDPA call: (out (B, h, N_q, d), mu, Var,
+    anchored).
 
-    The coordinate columns ride along with the values; q and k get zero columns to the same
-    width (equal widths keep SDPA on its flash kernels; a multiple of 8 suits CUDA's), which
-    leaves every score unchanged. `out` equals plain SDPA to float rounding.
+    The coordinate columns, and the per-sample ``anchors`` (B, N_grid, C) if given, ride along
+    with the values; q and k get zero columns to the same width (equal widths keep SDPA on its
+    flash kernels; a multiple of 8 suits CUDA's), which leaves every score unchanged. `out`
+    equals plain SDPA to float rounding. Extra tokens get zero anchor rows, and the anchored
+    outputs are renormalised by the grid mass, as the moments are.
     """
     b, heads, n_k, d = value.shape
     coords = _coordinate_values(reference_grid, extra_tokens, n_k, value.device, value.dtype)
     n = coords.shape[-1]
-    width = -(-(d + n) // 8) * 8
-    values = torch.cat([value, F.pad(coords, (0, width - d - n)).expand(b, heads, -1, -1)], dim=-1)
+    c = 0 if anchors is None else anchors.shape[-1]
+    width = -(-(d + n + c) // 8) * 8
+    if anchors is None:
+        side = F.pad(coords, (0, width - d - n)).expand(b, heads, -1, -1)
+    else:
+        side = torch.cat([coords.expand(b, 1, -1, -1),
+                          _anchor_values(anchors, b, extra_tokens, n_k, value.dtype)], dim=-1)
+        side = F.pad(side, (0, width - d - n - c)).expand(-1, heads, -1, -1)
+    values = torch.cat([value, side], dim=-1)
     out = F.scaled_dot_product_attention(F.pad(query, (0, width - d)), F.pad(key, (0, width - d)), values,
                                          attn_mask=attn_mask, scale=scale)
     mu, var = _moments(out[..., d:d + n])
-    return out[..., :d], mu, var
+    anchored = None
+    if anchors is not None:
+        anchored = out[..., d + n:d + n + c].float()
+        if extra_tokens:  # the softmax ran over every key: divide by the grid keys' mass
+            anchored = anchored / out[..., d + 3:d + 4].float()
+    return FusedAttention(out[..., :d], mu, var, anchored)
+
+
+def attention_anchored(query: torch.Tensor, key: torch.Tensor, scale: float, anchors: torch.Tensor,
+                       extra_tokens: int = 0) -> torch.Tensor:
+    """Fused, one extra SDPA call (a layer on another processor): sum_j A_ij a_j
+    (B, heads, N_q, C) over the grid keys, in float32."""
+    q, k = _grid_qk(query, key, extra_tokens)
+    values = _anchor_values(anchors, q.shape[0], 0, k.shape[-2], q.dtype)
+    c = values.shape[-1]
+    if q.shape[-1] > c:  # equal widths keep CPU SDPA on its flash kernel (see attention_moments)
+        values = F.pad(values, (0, q.shape[-1] - c))
+    values = values.expand(-1, q.shape[1], -1, -1)
+    return F.scaled_dot_product_attention(q, k, values, scale=scale)[..., :c]
+
+
+def attention_anchored_explicit(query: torch.Tensor, key: torch.Tensor, scale: float, anchors: torch.Tensor,
+                                extra_tokens: int = 0) -> torch.Tensor:
+    """The same from the explicit probability matrix (the naive baseline of `bench/step.py`)."""
+    q, k = _grid_qk(query, key, extra_tokens)
+    probs = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)  # (B, h, N_q, N_grid)
+    return probs @ anchors.float().unsqueeze(1)
+
+
+def pool_to_grid(x: torch.Tensor, grid: tuple[int, int], weight: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Area-average (B, C, H, W) images to a (h, w) grid: ((B, h*w, C) values, (B, h*w) coverage).
+
+    With ``weight`` (B, 1, H, W) in {0, 1} the average runs over the weighted pixels of each
+    cell only (0 where a cell has none), and coverage is the weighted fraction of the cell;
+    without it, coverage is 1."""
+    x = x.float()
+    if weight is None:
+        pooled = F.adaptive_avg_pool2d(x, grid)
+        return pooled.flatten(2).transpose(1, 2), torch.ones(x.shape[0], grid[0] * grid[1], device=x.device)
+    w = weight.float()
+    cover = F.adaptive_avg_pool2d(w, grid)
+    pooled = F.adaptive_avg_pool2d(x * w, grid) / cover.clamp(min=1e-12)
+    return pooled.flatten(2).transpose(1, 2), cover.flatten(1)
+
+
+def colour_anchors(garment: torch.Tensor, reference_grid: tuple[int, int]) -> torch.Tensor:
+    """Anchors [g_j, ||g_j||^2] (B, N_grid, 4): the garment image (B, 3, H, W) in [-1, 1],
+    area-averaged over each reference grid cell, as colours in [0, 1] centred on 0.5 (g = x / 2).
+
+    Centring does not change E||g - y||^2 (pool the target the same way) and keeps the
+    cancellation in s - 2 y.c + ||y||^2 small in reduced precision. For a CLIP-like encoder
+    (square resize, then patches) the grid cell of patch j covers the same part of the garment
+    as the patch does."""
+    g, _ = pool_to_grid(garment / 2, tuple(reference_grid))
+    return torch.cat([g, g.square().sum(-1, keepdim=True)], dim=-1)
+
+
+def anchored_variance(anchored: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """E_A ||a - y_i||^2 = s_i - 2 y_i . c_i + ||y_i||^2 per (B, heads, N_q), from anchored outputs
+    (B, heads, N_q, C + 1) = [c_i = E_A a, s_i = E_A ||a||^2] and targets y (B, N_q, C)."""
+    c, second = anchored[..., :-1], anchored[..., -1]
+    y = target.float().unsqueeze(1)
+    return (second - 2 * (y * c).sum(-1) + y.square().sum(-1)).clamp(min=0)
+
+
+def position_variance(mu: torch.Tensor, var: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """E_A ||p - p*_i||^2 = Var_i + ||mu_i - p*_i||^2 per (B, heads, N_q), from the centres
+    (B, heads, N_q, 2), dispersion (B, heads, N_q) and target positions p* (B, N_q, 2)."""
+    return var + (mu - target.float().unsqueeze(1)).square().sum(-1)
+
+
+def centre_error(mu: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """||mu_i - p*_i|| per (B, heads, N_q), in garment-image units (relative coordinates)."""
+    return (mu - target.float().unsqueeze(1)).square().sum(-1).sqrt()
 
 
 def attention_moments_explicit(query: torch.Tensor, key: torch.Tensor, scale: float,

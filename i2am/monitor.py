@@ -48,6 +48,11 @@ class LastAttention:
     processor also carries its attention centres ``mu`` (B, heads, N_q, 2) and
     dispersion ``var`` (B, heads, N_q), with graph, from its own attention call
     (:func:`i2am.dispersion.attention_with_moments`); otherwise they are None.
+    ``anchors`` are the values given to ``monitor.set_anchors`` for that forward
+    (B, N_grid, C) or None; such a layer then also carries ``anchored``
+    (B, heads, N_q, C) = sum_j A_ij anchors_j over the grid keys, with graph, from
+    the same call (None on other processors or without ``moments``: compute it
+    from q/k with :func:`i2am.dispersion.attention_anchored`).
     """
 
     query: torch.Tensor
@@ -59,6 +64,8 @@ class LastAttention:
     reference_grid: tuple[int, int]
     mu: torch.Tensor | None = None
     var: torch.Tensor | None = None
+    anchors: torch.Tensor | None = None
+    anchored: torch.Tensor | None = None
 
 
 class AttentionMonitor:
@@ -89,7 +96,8 @@ class AttentionMonitor:
         moments: also keep each layer's attention centres and dispersion, computed
             inside the layer's own attention call (implies ``keep_last``). The
             layer output then equals the unmonitored one to float rounding
-            rather than bit for bit.
+            rather than bit for bit. ``set_anchors`` adds per-sample value
+            columns to that call.
         record: whether to record maps (can be toggled via ``monitor.record``).
     """
 
@@ -145,6 +153,7 @@ class AttentionMonitor:
             unet.register_forward_hook(self._post_hook),
         ]
         self._closed = False
+        self._anchors: torch.Tensor | None = None
         self._last: dict[str, LastAttention] = {}
         self._workspace = Workspace()
         self.reset(num_steps=num_steps, time_groups=time_groups)
@@ -209,6 +218,7 @@ class AttentionMonitor:
             hook.remove()
         self._closed = True
         self._last = {}
+        self._anchors = None
         self._workspace.release()
 
     def __enter__(self) -> AttentionMonitor:
@@ -216,6 +226,18 @@ class AttentionMonitor:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def set_anchors(self, values: torch.Tensor | None) -> None:
+        """Per-sample values on the reference grid, (B, N_grid, C) with B the UNet's batch, that
+        ride along in each monitored layer's own attention call from the next forward on
+        (``moments=True``): ``last_attention()[layer].anchored`` is then sum_j A_ij values_j over
+        the grid keys, with graph. One tensor serves every layer, since all attend to the same
+        reference grid. They stay until ``set_anchors(None)``; clear them before running the
+        UNet on another batch (e.g. sampling with guidance doubles it)."""
+        if values is not None and (not isinstance(values, torch.Tensor) or values.ndim != 3):
+            raise ValueError(f"set_anchors: expected a (B, N_grid, C) tensor or None, got "
+                             f"{getattr(values, 'shape', type(values).__name__)}")
+        self._anchors = values
 
     # ------------------------------------------------------------------ hooks
     def _pre_hook(self, module: Any, args: tuple, kwargs: dict) -> None:
@@ -275,14 +297,30 @@ class AttentionMonitor:
             )
         return self.reference_grid
 
+    def _anchors_for(self, name: str, key: torch.Tensor) -> torch.Tensor | None:
+        """The anchors set for this forward, checked against the layer's batch and grid keys."""
+        a = self._anchors
+        if a is None:
+            return None
+        n_grid = key.shape[-2] - self.extra_tokens
+        if a.shape[0] != key.shape[0] or a.shape[1] != n_grid:
+            raise ValueError(
+                f"layer {name!r}: monitor anchors are {tuple(a.shape)} but the layer runs a batch of "
+                f"{key.shape[0]} with {n_grid} reference grid keys; set_anchors((B, N_grid, C)) for this batch, "
+                f"or set_anchors(None) before running the UNet on another one (e.g. sampling with guidance)")
+        return a
+
     def _observe(self, name: str, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
-                 scale: float, moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 scale: float, fused: Any = None) -> None:
+        """``fused``: the :class:`~i2am.dispersion.FusedAttention` of the layer's own call, if any."""
         grid = query_grid(query.shape[-2], self._call_grid, name) if hasattr(self, "_call_grid") else None
         n_grid = key.shape[-2] - self.extra_tokens
         self._reference_grid_for(name, key)
         if self.keep_last:
+            anchors = self._anchors_for(name, key)
+            mu, var, anchored = (fused.mu, fused.var, fused.anchored) if fused is not None else (None, None, None)
             self._last[name] = LastAttention(query, key, grid, query.shape[1], scale, self.extra_tokens,
-                                             self.reference_grid, *(moments or (None, None)))
+                                             self.reference_grid, mu, var, anchors, anchored)
         if not (self.record and self._active):
             return
         with torch.no_grad():

@@ -9,7 +9,8 @@ Two ways to produce the layer output:
 
 * the layer ran diffusers' ``AttnProcessor2_0`` (the default): we mirror it op
   for op, so outputs are bit-identical (equal to float rounding when the monitor
-  also computes ``moments`` in that call), and reuse its q/k for recording;
+  also computes ``moments``, and any anchored values, in that call), and reuse
+  its q/k for recording;
 * any other processor (``AttnProcessor``, a custom or another monitor's): we
   call it untouched for the output and recompute q/k with the same prelude
   (group/spatial norm, projections). That costs one extra q/k projection but
@@ -164,21 +165,22 @@ class MonitorProcessor:
         value = attn.to_v(pre["encoder_hidden_states"])
         value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
         observe = self.monitor._wants(self.name)
-        moments = None
+        fused = None
         if observe and self.monitor.moments:
-            # The dispersion loss's statistics ride along in this very attention call: no second kernel.
+            # The stability loss's statistics (and the anchored values, when set) ride along in this
+            # very attention call: no second kernel.
             reference_grid = self.monitor._reference_grid_for(self.name, key)
-            hidden_states, mu, var = attention_with_moments(query, key, value, pre["attention_mask"],
-                                                            head_dim ** -0.5, reference_grid,
-                                                            self.monitor.extra_tokens)
-            moments = (mu, var)
+            fused = attention_with_moments(query, key, value, pre["attention_mask"], head_dim ** -0.5,
+                                           reference_grid, self.monitor.extra_tokens,
+                                           self.monitor._anchors_for(self.name, key))
+            hidden_states = fused.out
         else:
             hidden_states = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=pre["attention_mask"], dropout_p=0.0, is_causal=False
             )
         if observe:
             # SDPA's default scale is what the model actually applied.
-            self.monitor._observe(self.name, query, key, pre["attention_mask"], head_dim ** -0.5, moments)
+            self.monitor._observe(self.name, query, key, pre["attention_mask"], head_dim ** -0.5, fused)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)

@@ -1,4 +1,8 @@
-"""Losses return `(loss, metrics)`: a scalar to backpropagate and detached values to log."""
-from .diffusion import DiffusionLoss, Noised
+"""Losses return `(loss, metrics)`: a scalar to backpropagate and detached values to log.
 
-__all__ = ["DiffusionLoss", "Noised"]
+`TryOnObjective` (`objective.py`) is the training objective: noising, the model call, the
+diffusion loss and the stability terms, once per micro-batch."""
+from .diffusion import DiffusionLoss, Noised
+from .objective import TryOnObjective
+
+__all__ = ["DiffusionLoss", "Noised", "TryOnObjective"]

@@ -17,6 +17,17 @@ Metrics = dict[str, torch.Tensor]
 Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
+def uniform_draws(generator: Generators, n: int, device: torch.device) -> torch.Tensor:
+    """(n,) uniforms in [0, 1): one per sample from its own generator when given one each,
+    else n from the one generator (e.g. the guidance-dropout draw, before `noised`)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != n:
+            raise ValueError(f"{len(generator)} generators for a batch of {n}")
+        return torch.cat([torch.rand(1, generator=g, device=g.device) for g in generator]).to(device)
+    draw_on = generator.device if generator is not None else device
+    return torch.rand(n, generator=generator, device=draw_on).to(device)
+
+
 class Noised(NamedTuple):
     noisy: torch.Tensor      # the latents at `timesteps`
     noise: torch.Tensor
@@ -78,11 +89,14 @@ class DiffusionLoss:
                           device=draw_on).to(device)
         return Noised(self.scheduler.add_noise(latents, eps, t), eps, t)
 
+    def loss(self, pred: torch.Tensor, latents: torch.Tensor, noised: Noised) -> tuple[torch.Tensor, Metrics]:
+        """The weighted MSE of a prediction made at ``noised`` (what `noised()` returned)."""
+        target = self.target(latents, noised.noise, noised.timesteps)
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+        loss = (per_sample * self.weights(noised.timesteps)).mean()
+        return loss, {"loss/diffusion": loss.detach(), "loss/mse": per_sample.mean().detach()}
+
     def __call__(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], latents: torch.Tensor,
                  generator: Generators = None) -> tuple[torch.Tensor, Metrics]:
-        noisy, noise, timesteps = self.noised(latents, generator)
-        pred = model(noisy, timesteps)
-        target = self.target(latents, noise, timesteps)
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
-        loss = (per_sample * self.weights(timesteps)).mean()
-        return loss, {"loss/diffusion": loss.detach(), "loss/mse": per_sample.mean().detach()}
+        noised = self.noised(latents, generator)
+        return self.loss(model(noised.noisy, noised.timesteps), latents, noised)

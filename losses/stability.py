@@ -7,17 +7,25 @@ patches) and fixed it with a loss that stabilises attention. Terms:
 - `dispersion`: attention-score variance per layer (fused, see `i2am.dispersion`);
 - `atv`: StableVITON's total variation of attention centres inside the mask;
 - `concentration`: 1 - Gaussian attention mass around each centre (the authors'
-  follow-up), explicit, for comparison.
+  follow-up), explicit, for comparison;
+- `colour`: colour-anchored variance E_A||g - y_i||^2 (garment colours g of the
+  attended cells around the true colour y_i), over the worn-garment queries;
+- `position`: position-anchored variance E_A||p - p*_i||^2 = Var_i + ||mu_i - p*_i||^2
+  around the true garment position p*_i (data with `garment_pos`: the synthetic set).
 
-The statistics come from the monitor's last forward pass (`last_attention()`):
-the centres and dispersion the layer's own attention call computed when the
-monitor runs with `moments=True`, else one fused call on the kept q/k. The loss
-never reaches into the model. Per-layer dispersion is always in the
+The first three have a degenerate minimum (every patch on one shared garment
+cell); the anchored two do not. The statistics come from the monitor's last
+forward pass (`last_attention()`): the centres, dispersion and anchored colours
+the layer's own attention call computed when the monitor runs with
+`moments=True` (the colour anchors set by `losses.objective.TryOnObjective`),
+else one fused call on the kept q/k. The loss never reaches into the model.
+Per-layer dispersion, colour variance and centre error are always in the
 metrics, also with every weight at 0, so a user can watch before regularising.
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
@@ -25,15 +33,52 @@ import torch
 from configs.schema import StabilityConfig
 
 from i2am.names import short_name
-from i2am.dispersion import (atv, attention_moments, attention_moments_explicit, concentration, masked_mean,
-                             query_mask)
+from i2am.dispersion import (anchored_variance, atv, attention_anchored, attention_anchored_explicit,
+                             attention_moments, attention_moments_explicit, centre_error, concentration, masked_mean,
+                             pool_to_grid, position_variance, query_mask)
 
 Metrics = dict[str, torch.Tensor]
 _LEVEL = re.compile(r"^(\d+)x(\d+)$")
+# A query is on the worn garment when at least this share of its cell's pixels is (convention).
+WORN_COVERAGE = 0.5
+
+
+@dataclass
+class AttentionTargets:
+    """What the anchored terms compare attention with, from the batch, at image size.
+
+    `person` (B, 3, H, W) in [-1, 1] is the ground truth; `worn` (B, 1, H, W) in {0, 1} where
+    the garment is worn in it; `garment_pos` (B, 2, H, W) the true garment position of each
+    worn pixel (relative (y, x) in the garment image) or None; `keep` (B,) bool the samples
+    whose garment tokens were not dropped for guidance (None: all); `garment` (B, 3, H, W) the
+    garment image, for terms that warp it (Leffa's flow loss), or None."""
+
+    person: torch.Tensor
+    worn: torch.Tensor
+    garment_pos: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+    garment: torch.Tensor | None = None
+    _grids: dict = field(default_factory=dict, repr=False)
+
+    def on_grid(self, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(worn queries (B, N_q) bool, colour y (B, N_q, 3), position p* (B, N_q, 2) or None) on a
+        query grid: the person's colour (as [0, 1] centred on 0.5, like the anchors) and the
+        positions averaged over each cell's worn pixels; a query counts as worn when at least
+        WORN_COVERAGE of its cell is. Computed once per grid."""
+        grid = tuple(grid)
+        if grid not in self._grids:
+            with torch.no_grad():
+                colour, cover = pool_to_grid(self.person / 2, grid, self.worn)
+                pos = pool_to_grid(self.garment_pos, grid, self.worn)[0] if self.garment_pos is not None else None
+                worn = cover >= WORN_COVERAGE
+                if self.keep is not None:
+                    worn = worn & self.keep.to(worn.device).view(-1, 1)
+            self._grids[grid] = (worn, colour, pos)
+        return self._grids[grid]
 
 
 class StabilityLoss:
-    """`loss(last_attention, latent_mask, timesteps, step) -> (loss, metrics)`.
+    """`loss(last_attention, latent_mask, timesteps, step, targets) -> (loss, metrics)`.
 
     Weights, layers, window and warm-up come from `StabilityConfig`.
     `layers`: None (every monitored layer), processor names, or resolution
@@ -41,6 +86,8 @@ class StabilityLoss:
     query grids of that call's layers.
     `t_max`: apply only to samples with t < t_max (Leffa applies its loss at
     low noise only); `warmup_steps`: weights are 0 before this optimizer step.
+    `targets` (`AttentionTargets`) feed the anchored terms and readings; without
+    them only the dispersion family is computed.
     """
 
     def __init__(self, cfg: StabilityConfig, monitored: list[str] | None = None, explicit: bool = False) -> None:
@@ -62,7 +109,7 @@ class StabilityLoss:
     @property
     def active(self) -> bool:
         t = self.terms
-        return bool(t.dispersion or t.atv or t.concentration)
+        return bool(t.dispersion or t.atv or t.concentration or t.colour or t.position)
 
     def _selected(self, stats: Mapping) -> list[str]:
         if self.selectors is None:
@@ -80,27 +127,35 @@ class StabilityLoss:
         return chosen
 
     def __call__(self, last: Mapping, latent_mask: torch.Tensor | None, timesteps: torch.Tensor | None = None,
-                 step: int = 0) -> tuple[torch.Tensor, Metrics]:
+                 step: int = 0, targets: AttentionTargets | None = None) -> tuple[torch.Tensor, Metrics]:
         metrics: Metrics = {}
         total = None
         selected = set(self._selected(last))
         warm = step >= self.warmup_steps
-        dispersions: dict[str, torch.Tensor] = {}
+        if self.terms.position and targets is not None and targets.garment_pos is None:
+            raise ValueError("stability.position > 0 needs each worn pixel's true garment position (sample key "
+                             "'garment_pos', which only the synthetic set gives); this batch has none")
+        readings: dict[str, dict[str, torch.Tensor]] = {"dispersion": {}, "colour_var": {}, "centre_error": {}}
         for name, s in last.items():
             b = s.query.shape[0]
+            window = _window(timesteps, self.t_max, b, s.query.device)
             qmask = query_mask(latent_mask, s.grid, b)
-            if self.t_max is not None and timesteps is not None:
-                keep = (timesteps.to(s.query.device) < self.t_max).view(b, 1)
-                qmask = keep.expand(b, s.grid[0] * s.grid[1]) if qmask is None else qmask & keep
+            if window is not None:
+                qmask = window.expand(b, s.grid[0] * s.grid[1]) if qmask is None else qmask & window
             want_grad = name in selected and warm and self.active
             with torch.set_grad_enabled(want_grad and torch.is_grad_enabled()):
                 mu, var = self._moments(s)
                 disp = masked_mean(var if want_grad else var.detach(), qmask)
             short = short_name(name)
-            dispersions[name] = metrics[f"i2am/dispersion/{short}"] = disp.detach()
+            readings["dispersion"][name] = metrics[f"i2am/dispersion/{short}"] = disp.detach()
+            # Terms that need the batch besides this layer's statistics read it from `targets` in
+            # `_anchored`: that is also where Leffa's flow loss (mu, grid, targets.garment,
+            # targets.person, targets.worn, targets.keep) and the authors' CWG/TV/DCML (probabilities
+            # from s.query/s.key, the worn queries, targets.keep) plug in.
+            anchored_terms = self._anchored(name, s, mu, var, targets, window, want_grad, readings, metrics)
             if not want_grad:
                 continue
-            term = self.terms.dispersion * disp
+            term = self.terms.dispersion * disp + anchored_terms
             if self.terms.atv:
                 a = atv(mu, s.grid, qmask)
                 metrics[f"loss/atv/{short}"] = a.detach()
@@ -111,12 +166,10 @@ class StabilityLoss:
                 metrics[f"loss/concentration/{short}"] = (1 - conc).detach()
                 term = term + self.terms.concentration * (1 - conc)
             total = term if total is None else total + term
-        if dispersions:
-            values = torch.stack(list(dispersions.values()))
-            if not torch.isfinite(values).all():  # one host sync per step, not one per layer
-                bad = [n for n, v in dispersions.items() if not torch.isfinite(v)]
-                raise FloatingPointError(f"non-finite attention dispersion in layer(s) {bad}")
-            metrics["i2am/dispersion/mean"] = values.mean()
+        _check_finite(readings)
+        for what, values in readings.items():
+            if values:
+                metrics[f"i2am/{what}/mean"] = torch.stack(list(values.values())).mean()
         if total is None:
             device = next(iter(last.values())).query.device if last else "cpu"
             total = torch.zeros((), device=device)
@@ -125,12 +178,85 @@ class StabilityLoss:
         metrics["loss/stability"] = total.detach()
         return total, metrics
 
+    def _anchored(self, name: str, s, mu: torch.Tensor, var: torch.Tensor, targets: AttentionTargets | None,
+                  window: torch.Tensor | None, want_grad: bool,
+                  readings: dict[str, dict[str, torch.Tensor]], metrics: Metrics) -> torch.Tensor | float:
+        """The colour- and position-anchored terms of one layer over its worn queries (guidance-
+        dropped samples and samples outside the t window excluded): readings always, the weighted
+        terms (with graph) when the layer is regularised. Returns their weighted sum (0 if none)."""
+        if targets is None:
+            return 0.0
+        worn, colour, pos = targets.on_grid(s.grid)
+        if window is not None:
+            worn = worn & window
+        term: torch.Tensor | float = 0.0
+        short = short_name(name)
+        anchors = getattr(s, "anchors", None)
+        if anchors is not None:
+            grad = want_grad and bool(self.terms.colour)
+            with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+                anchored = self._anchored_values(s)
+                cvar = masked_mean(anchored_variance(anchored if grad else anchored.detach(), colour), worn)
+            readings["colour_var"][name] = metrics[f"i2am/colour_var/{short}"] = cvar.detach()
+            if grad:
+                term = term + self.terms.colour * cvar
+        if pos is not None:
+            readings["centre_error"][name] = metrics[f"i2am/centre_error/{short}"] = \
+                masked_mean(centre_error(mu.detach(), pos), worn)
+            if want_grad and self.terms.position:
+                pvar = masked_mean(position_variance(mu, var, pos), worn)
+                metrics[f"loss/position/{short}"] = pvar.detach()
+                term = term + self.terms.position * pvar
+        return term
+
     def _moments(self, s) -> tuple[torch.Tensor, torch.Tensor]:
         if self.explicit:  # builds the probability matrix and keeps it for backward, as peers do
             return attention_moments_explicit(s.query, s.key, s.scale, s.reference_grid, s.extra_tokens)
         if getattr(s, "var", None) is not None:  # computed inside the layer's attention call
             return s.mu, s.var
         return attention_moments(s.query, s.key, s.scale, s.reference_grid, s.extra_tokens)
+
+    def _anchored_values(self, s) -> torch.Tensor:
+        if self.explicit:
+            return attention_anchored_explicit(s.query, s.key, s.scale, s.anchors, s.extra_tokens)
+        if getattr(s, "anchored", None) is not None:  # computed inside the layer's attention call
+            return s.anchored
+        return attention_anchored(s.query, s.key, s.scale, s.anchors, s.extra_tokens)
+
+
+def dispersion_readings(last: Mapping, latent_mask: torch.Tensor | None, timesteps: torch.Tensor | None = None,
+                        t_max: int | None = None) -> dict[str, torch.Tensor]:
+    """Per layer, the masked mean dispersion of the last forward, detached, as the loss logs it
+    (inpainting mask on the query grid, samples with t < t_max when t_max is set)."""
+    out = {}
+    for name, s in last.items():
+        b = s.query.shape[0]
+        qmask = query_mask(latent_mask, s.grid, b)
+        window = _window(timesteps, t_max, b, s.query.device)
+        if window is not None:
+            qmask = window.expand(b, s.grid[0] * s.grid[1]) if qmask is None else qmask & window
+        var = s.var if getattr(s, "var", None) is not None else \
+            attention_moments(s.query, s.key, s.scale, s.reference_grid, s.extra_tokens)[1]
+        out[name] = masked_mean(var.detach(), qmask)
+    _check_finite({"dispersion": out})
+    return out
+
+
+def _window(timesteps: torch.Tensor | None, t_max: int | None, batch: int, device) -> torch.Tensor | None:
+    """(B, 1) bool: the samples inside the t < t_max window (None: no window)."""
+    if t_max is None or timesteps is None:
+        return None
+    return (timesteps.to(device) < t_max).view(batch, 1)
+
+
+def _check_finite(readings: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """One host sync per step (not one per layer); a non-finite reading names its layer(s)."""
+    values = [v for per_layer in readings.values() for v in per_layer.values()]
+    if not values or bool(torch.isfinite(torch.stack(values)).all()):
+        return
+    bad = [f"{n} ({what})" for what, per_layer in readings.items() for n, v in per_layer.items()
+           if not torch.isfinite(v)]
+    raise FloatingPointError(f"non-finite attention statistic in layer(s) {bad}")
 
 
 def _strip(name: str) -> str:

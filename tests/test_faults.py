@@ -220,16 +220,16 @@ def test_non_finite_losses_skip_steps_then_stop_with_the_checkpoint_kept(tmp_pat
     cfg = load_config(overrides=tiny_overrides(tmp_path, **{"train.max_steps": 20, "train.checkpoint_every": 2,
                                                             "train.nan_tolerance": 3}))
     trainer = Trainer(cfg)
-    real = trainer.diffusion_loss
+    real = trainer.objective.diffusion.loss
 
-    def flaky(model, latents, generator=None):
-        loss, metrics = real(model, latents, generator)
+    def flaky(pred, latents, noised):
+        loss, metrics = real(pred, latents, noised)
         if trainer.step in (2, 5, 6, 7):  # one isolated NaN, then three in a row
             loss = loss * float("nan")
             metrics["loss/diffusion"] = loss.detach()
         return loss, metrics
 
-    trainer.diffusion_loss = flaky
+    trainer.objective.diffusion.loss = flaky
     before = {k: v.clone() for k, v in trainer.unwrapped.unet.state_dict().items()}
     with pytest.raises(FloatingPointError, match="3 non-finite losses in a row"):
         trainer.fit()

@@ -5,10 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from i2am.dispersion import (atv, attention_moments, attention_moments_explicit, attention_with_moments,
-                             cell_centres, concentration, masked_mean, query_mask)
+from i2am.dispersion import (anchored_variance, atv, attention_anchored, attention_anchored_explicit, attention_moments,
+                             attention_moments_explicit, attention_with_moments, cell_centres, colour_anchors,
+                             concentration, masked_mean, query_mask)
 from configs.schema import StabilityConfig
-from losses.stability import StabilityLoss
+from losses.stability import AttentionTargets, StabilityLoss
 
 
 def _qk(b=2, heads=3, grid=(4, 3), ref=(5, 4), extra=1, d=8, seed=0):
@@ -74,7 +75,8 @@ def test_moments_inside_the_layer_attention_equal_plain_attention_and_explicit_f
     q, k = _qk(b=2, heads=3, grid=(6, 5), ref=(7, 3), extra=extra, d=d)
     v = torch.randn(k.shape, generator=torch.Generator().manual_seed(3)).requires_grad_()
     scale = d ** -0.5
-    out, mu, var = attention_with_moments(q, k, v, None, scale, (7, 3), extra)
+    out, mu, var, anchored = attention_with_moments(q, k, v, None, scale, (7, 3), extra)
+    assert anchored is None
     plain = F.scaled_dot_product_attention(q, k, v)
     mu_e, var_e = attention_moments_explicit(q, k, scale, (7, 3), extra)
     assert out.shape == plain.shape
@@ -92,7 +94,7 @@ def test_moments_inside_attention_in_bfloat16_stay_close_to_float32():
     """Centred coordinates keep E||p||^2 - ||mu||^2 usable in bf16 autocast precision."""
     q, k = _qk(b=1, heads=2, grid=(8, 6), ref=(8, 6), extra=0, d=16)
     v = torch.randn(k.shape)
-    _, mu, var = attention_with_moments(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, 0.25, (8, 6))
+    _, mu, var, _ = attention_with_moments(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, 0.25, (8, 6))
     mu_e, var_e = attention_moments_explicit(q, k, 0.25, (8, 6))
     assert mu.dtype == var.dtype == torch.float32
     assert (var - var_e).abs().max() < 0.02 * var_e.max()  # bf16 keeps 8 bits: compare at ~1 %
@@ -204,3 +206,212 @@ def test_nan_in_statistic_names_the_layer():
     stats[name].query[0, 0, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="down_blocks.0.attentions.0"):
         StabilityLoss(StabilityConfig(dispersion=1.0))(stats, None)
+
+
+# ---------------------------------------------------------------------- anchored values and terms
+def _anchors(b, n_grid, c=4, seed=5):
+    return torch.randn(b, n_grid, c, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("extra,d", [(0, 8), (2, 5)])
+def test_anchored_values_ride_along_in_the_layer_attention_and_equal_explicit_softmax(extra, d):
+    """Per-sample anchor columns in the same SDPA call: the layer output is plain attention, the
+    anchored outputs are sum_j A_ij a_j with A the softmax over the grid keys only; gradients of
+    all three w.r.t. q, k and v match the explicit computation."""
+    ref = (7, 3)
+    q, k = _qk(b=2, heads=3, grid=(6, 5), ref=ref, extra=extra, d=d)
+    v = torch.randn(k.shape, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    a = _anchors(2, ref[0] * ref[1])
+    scale = d ** -0.5
+    out, mu, var, anchored = attention_with_moments(q, k, v, None, scale, ref, extra, anchors=a)
+    plain = F.scaled_dot_product_attention(q, k, v)
+    probs = torch.softmax(q @ k[:, :, extra:].transpose(-1, -2) * scale, dim=-1)  # grid keys only
+    explicit = torch.einsum("bhqj,bjc->bhqc", probs, a)
+    _, var_e = attention_moments_explicit(q, k, scale, ref, extra)
+    assert anchored.shape == (2, 3, 30, 4) and anchored.dtype == torch.float32
+    assert torch.allclose(out, plain, atol=1e-6)
+    assert torch.allclose(anchored, explicit, atol=1e-5)
+    assert torch.allclose(var, var_e, atol=1e-5)
+    g = torch.Generator().manual_seed(4)
+    w_out, w_anc = torch.randn(out.shape, generator=g), torch.randn(anchored.shape, generator=g)
+    fused = (out * w_out).sum() + (anchored * w_anc).sum() + var.sum()
+    reference = (plain * w_out).sum() + (explicit * w_anc).sum() + var_e.sum()
+    for x, y in zip(torch.autograd.grad(fused, (q, k, v)), torch.autograd.grad(reference, (q, k, v))):
+        assert (x - y).abs().max() <= 1e-4 * y.abs().max()
+
+
+def test_anchored_in_a_second_call_and_explicitly_equal_the_fused_ones():
+    q, k = _qk(b=2, heads=2, grid=(4, 3), ref=(5, 4), extra=1, d=8)
+    v = torch.randn(k.shape)
+    a = _anchors(2, 20, c=3)
+    fused = attention_with_moments(q, k, v, None, 0.3, (5, 4), 1, anchors=a).anchored
+    assert torch.allclose(attention_anchored(q, k, 0.3, a, 1), fused, atol=1e-5)
+    assert torch.allclose(attention_anchored_explicit(q, k, 0.3, a, 1), fused, atol=1e-5)
+
+
+def test_anchors_that_do_not_match_batch_or_grid_are_refused():
+    q, k = _qk(b=2, ref=(5, 4), extra=1)
+    with pytest.raises(ValueError, match=r"anchors must be \(B=2, N_grid=20, C\).*got \(2, 21, 4\)"):
+        attention_with_moments(q, k, k, None, 0.4, (5, 4), 1, anchors=_anchors(2, 21))
+    with pytest.raises(ValueError, match=r"anchors must be \(B=2"):
+        attention_with_moments(q, k, k, None, 0.4, (5, 4), 1, anchors=_anchors(1, 20))
+
+
+IMAGE = (20, 12)  # divisible by the query grid (4, 3) -> 5x4-pixel cells and the reference grid (5, 4) -> 4x3
+
+
+def _images(b=2, seed=7):
+    """Garment, person, a worn mask covering a few whole and partial query cells, and garment
+    positions on the worn pixels."""
+    g = torch.Generator().manual_seed(seed)
+    garment = torch.rand(b, 3, *IMAGE, generator=g) * 2 - 1
+    person = torch.rand(b, 3, *IMAGE, generator=g) * 2 - 1
+    worn = torch.zeros(b, 1, *IMAGE)
+    worn[0, :, 3:17, 2:10] = 1   # partial cells at the edges: some count (>= half), some not
+    worn[1, :, 5:20, 0:9] = 1
+    pos = torch.rand(b, 2, *IMAGE, generator=g) * worn
+    return garment, person, worn, pos
+
+
+def _cell_means(img, grid, weight=None):
+    """Explicit area means over the (H/h, W/w)-pixel cells, python loops: (B, h*w, C) and coverage."""
+    b, c, hh, ww = img.shape
+    h, w = grid
+    ch, cw = hh // h, ww // w
+    wt = torch.ones(b, 1, hh, ww) if weight is None else weight
+    means, cover = torch.zeros(b, h * w, c), torch.zeros(b, h * w)
+    for bi in range(b):
+        for r in range(h):
+            for col in range(w):
+                px = img[bi, :, r * ch:(r + 1) * ch, col * cw:(col + 1) * cw]
+                m = wt[bi, 0, r * ch:(r + 1) * ch, col * cw:(col + 1) * cw]
+                cover[bi, r * w + col] = m.mean()
+                if m.sum() > 0:
+                    means[bi, r * w + col] = (px * m).sum((1, 2)) / m.sum()
+    return means, cover
+
+
+def _layer(q, k, grid, ref, extra, anchors, scale=0.4):
+    """A LastAttention-like record with the statistics of one fused call, as the monitor keeps it."""
+    v = torch.zeros(k.shape)
+    _, mu, var, anchored = attention_with_moments(q, k, v, None, scale, ref, extra, anchors=anchors)
+    rec = _Last(q, k, grid, ref, extra, scale)
+    rec.mu, rec.var, rec.anchors, rec.anchored = mu, var, anchors, anchored
+    return rec
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_colour_term_equals_the_explicit_formula_with_gradients(extra):
+    """colour = mean over worn queries of kept samples of sum_j A_ij ||g_j - y_i||^2: g_j the
+    garment colour over key j's cell, y_i the true colour over query i's worn pixels, in [0, 1]."""
+    grid, ref, scale = (4, 3), (5, 4), 0.4
+    q, k = _qk(b=2, heads=3, grid=grid, ref=ref, extra=extra)
+    garment, person, worn, _ = _images()
+    keep = torch.tensor([True, True])
+    layer = _layer(q, k, grid, ref, extra, colour_anchors(garment, ref), scale)
+    targets = AttentionTargets(person, worn, keep=keep)
+    fused, metrics = StabilityLoss(StabilityConfig(colour=1.0))({"down_blocks.0.attentions.0.x": layer}, None,
+                                                                targets=targets)
+    g, _ = _cell_means((garment + 1) / 2, ref)
+    y, cover = _cell_means((person + 1) / 2, grid, worn)
+    terms = []
+    for bi in range(2):
+        a_all = torch.softmax((q[bi] @ k[bi, :, extra:].mT) * scale, dim=-1)  # (heads, N_q, N_grid)
+        for h in range(3):
+            for i in range(12):
+                if cover[bi, i] >= 0.5:
+                    terms.append((a_all[h, i] * (g[bi] - y[bi, i]).square().sum(-1)).sum())
+    explicit = torch.stack(terms).mean()
+    assert len(terms) > 6 and torch.allclose(fused, explicit, atol=1e-5)
+    assert float(metrics["i2am/colour_var/down0.0"]) == pytest.approx(float(explicit.detach()), abs=1e-5)
+    for x, y_ in zip(torch.autograd.grad(fused, (q, k)), torch.autograd.grad(explicit, (q, k))):
+        assert (x - y_).abs().max() <= 1e-4 * y_.abs().max()
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_position_term_and_centre_error_equal_the_explicit_formula_with_gradients(extra):
+    """position = mean over worn queries of sum_j A_ij ||p_j - p*_i||^2 with p*_i the mean true
+    garment position over query i's worn pixels; centre error = mean ||mu_i - p*_i||."""
+    grid, ref, scale = (4, 3), (5, 4), 0.4
+    q, k = _qk(b=2, heads=3, grid=grid, ref=ref, extra=extra)
+    garment, person, worn, pos = _images()
+    layer = _layer(q, k, grid, ref, extra, None, scale)
+    fused, metrics = StabilityLoss(StabilityConfig(position=1.0))(
+        {"up_blocks.1.attentions.0.x": layer}, None, targets=AttentionTargets(person, worn, pos))
+    target, cover = _cell_means(pos, grid, worn)
+    p = torch.tensor([[(j // ref[1] + 0.5) / ref[0], (j % ref[1] + 0.5) / ref[1]] for j in range(20)])
+    terms, errors = [], []
+    for bi in range(2):
+        a_all = torch.softmax((q[bi] @ k[bi, :, extra:].mT) * scale, dim=-1)
+        for h in range(3):
+            for i in range(12):
+                if cover[bi, i] >= 0.5:
+                    terms.append((a_all[h, i] * (p - target[bi, i]).square().sum(-1)).sum())
+                    errors.append(((a_all[h, i, :, None] * p).sum(0) - target[bi, i]).norm())
+    explicit = torch.stack(terms).mean()
+    assert torch.allclose(fused, explicit, atol=1e-5)
+    assert float(metrics["loss/position/up1.0"]) == pytest.approx(float(explicit), abs=1e-5)
+    assert float(metrics["i2am/centre_error/up1.0"]) == pytest.approx(float(torch.stack(errors).mean()), abs=1e-5)
+    for x, y_ in zip(torch.autograd.grad(fused, (q, k)), torch.autograd.grad(explicit, (q, k))):
+        assert (x - y_).abs().max() <= 1e-4 * y_.abs().max()
+
+
+def test_anchored_terms_skip_guidance_dropped_samples_and_the_t_window():
+    """A dropped sample (null tokens) or one outside t < t_max adds nothing to the anchored terms:
+    the loss equals the one computed on the other sample alone."""
+    grid, ref = (4, 3), (5, 4)
+    q, k = _qk(b=2, heads=3, grid=grid, ref=ref, extra=1)
+    garment, person, worn, pos = _images()
+    cfg = StabilityConfig(colour=1.0, position=0.5)
+    both = {"x": _layer(q, k, grid, ref, 1, colour_anchors(garment, ref))}
+    only0 = {"x": _layer(q[:1], k[:1], grid, ref, 1, colour_anchors(garment[:1], ref))}
+    alone = StabilityLoss(cfg)(only0, None, targets=AttentionTargets(person[:1], worn[:1], pos[:1]))[0].detach()
+    dropped = StabilityLoss(cfg)(both, None, targets=AttentionTargets(person, worn, pos,
+                                                                      keep=torch.tensor([True, False])))[0].detach()
+    late = StabilityLoss(StabilityConfig(colour=1.0, position=0.5, t_max=500))(
+        both, None, torch.tensor([100, 900]), targets=AttentionTargets(person, worn, pos))[0].detach()
+    assert float(dropped) == pytest.approx(float(alone), rel=1e-6)
+    assert float(late) == pytest.approx(float(alone), rel=1e-6)
+    # With both samples kept, each counts by its number of worn queries.
+    only1 = {"x": _layer(q[1:], k[1:], grid, ref, 1, colour_anchors(garment[1:], ref))}
+    alone1 = StabilityLoss(cfg)(only1, None, targets=AttentionTargets(person[1:], worn[1:], pos[1:]))[0].detach()
+    n = AttentionTargets(person, worn, pos).on_grid(grid)[0].sum(1).float()
+    kept = StabilityLoss(cfg)(both, None, targets=AttentionTargets(person, worn, pos))[0].detach()
+    assert float(kept) == pytest.approx(float((n[0] * alone + n[1] * alone1) / n.sum()), rel=1e-5)
+
+
+def test_anchored_readings_are_logged_with_zero_weights_and_carry_no_gradient():
+    grid, ref = (4, 3), (5, 4)
+    q, k = _qk(grid=grid, ref=ref)
+    garment, person, worn, pos = _images()
+    stats = {"down_blocks.0.attentions.0.x": _layer(q, k, grid, ref, 1, colour_anchors(garment, ref))}
+    loss, metrics = StabilityLoss(StabilityConfig())(stats, None, targets=AttentionTargets(person, worn, pos))
+    assert float(loss) == 0 and not loss.requires_grad
+    assert {"i2am/colour_var/down0.0", "i2am/colour_var/mean", "i2am/centre_error/down0.0",
+            "i2am/centre_error/mean", "i2am/dispersion/mean"} <= set(metrics)
+    assert not any(k.startswith("loss/position") for k in metrics)
+    assert 0 < float(metrics["i2am/colour_var/mean"]) < 3 and 0 < float(metrics["i2am/centre_error/mean"]) < 1.5
+
+
+def test_position_on_a_batch_without_garment_positions_is_refused():
+    grid, ref = (4, 3), (5, 4)
+    q, k = _qk(grid=grid, ref=ref)
+    _, person, worn, _ = _images()
+    with pytest.raises(ValueError, match="stability.position > 0 needs .*garment_pos"):
+        StabilityLoss(StabilityConfig(position=1.0))({"x": _layer(q, k, grid, ref, 1, None)}, None,
+                                                     targets=AttentionTargets(person, worn))
+
+
+def test_anchored_colours_in_bfloat16_stay_close_to_float32():
+    """Centred colours keep s - 2 y.c + ||y||^2 usable when the layer runs in bf16 autocast."""
+    grid, ref = (8, 6), (8, 6)
+    q, k = _qk(b=2, heads=2, grid=grid, ref=ref, extra=0, d=16)
+    v = torch.randn(k.shape)
+    garment, person, worn, _ = _images()
+    anchors = colour_anchors(garment, ref)
+    y = AttentionTargets(person, worn).on_grid(grid)[1]
+    half = attention_with_moments(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, 0.25, ref, anchors=anchors)
+    full = attention_with_moments(q, k, v, None, 0.25, ref, anchors=anchors)
+    assert half.anchored.dtype == torch.float32
+    cv_half, cv_full = anchored_variance(half.anchored, y), anchored_variance(full.anchored, y)
+    assert (cv_half - cv_full).abs().max() < 0.02 * cv_full.max()

@@ -11,10 +11,10 @@ from train import Trainer
 
 def _fixed_batch_dispersion(trainer: Trainer) -> float:
     """Mean dispersion over all monitored layers on a fixed batch, noise and timesteps."""
-    from apps.experiment import held_out_dispersion
+    from apps.experiment import held_out_readings
 
     batch = torch.utils.data.default_collate([trainer.val_set[i] for i in range(len(trainer.val_set))])
-    return held_out_dispersion(trainer, batch, torch.Generator().manual_seed(0))
+    return held_out_readings(trainer, batch, torch.Generator().manual_seed(0))["dispersion"]
 
 
 @pytest.mark.slow

@@ -85,6 +85,14 @@ def test_check_sample_rejects_broken_samples():
         check_sample({k: v for k, v in s.items() if k != "box"})
     with pytest.raises(ValueError, match="garment"):
         check_sample({**s, "garment": s["garment"][:, :-1]})
+    with pytest.raises(ValueError, match="'worn_mask': expected values in"):
+        check_sample({**s, "worn_mask": s["worn_mask"] * 0.5})
+    with pytest.raises(ValueError, match="'garment_pos': expected 0 outside 'worn_mask'"):
+        check_sample({**s, "garment_pos": s["garment_pos"] + 0.01})
+    with pytest.raises(ValueError, match="'garment_pos': expected finite values in \\[0, 1\\]"):
+        check_sample({**s, "garment_pos": s["garment_pos"] * float("nan")})
+    with pytest.raises(ValueError, match="'garment_pos': comes with 'worn_mask'"):
+        check_sample({k: v for k, v in s.items() if k != "worn_mask"})
 
 
 def test_agnostic_is_person_outside_mask_and_grey_inside(train200):
@@ -183,6 +191,66 @@ def test_garment_image_position_matches_torso_position():
                 agree += int(torch.equal(a, b))
                 total += 1
     assert total > 500 and agree / total > 0.9
+
+
+def test_worn_mask_is_exactly_the_garment_coloured_pixels_of_the_person(train200):
+    """Garment colours are saturated and occur nowhere else on the person (muted palette)."""
+    for s in train200[:60]:
+        worn = s["worn_mask"][0].bool()
+        assert torch.equal(worn, _garment_pixels(s["person"], s["colors"])), s["name"]
+        assert _bbox(worn) == s["box"].tolist()
+
+
+@pytest.mark.parametrize("hw", [(64, 48), (128, 96)])
+def test_garment_pos_points_at_the_same_colour_in_the_flat_garment(hw):
+    """Each worn pixel's garment_pos, looked up in the flat garment image (nearest pixel), shows
+    the worn pixel's colour; positions are the flat image's relative (y, x), 0 off the garment."""
+    ds = SyntheticTryOn(30, resolution=hw)
+    h, w = hw
+    agree = total = 0
+    for i in range(len(ds)):
+        s = ds[i]
+        worn = s["worn_mask"][0].bool()
+        pos = s["garment_pos"]
+        assert torch.all(pos[:, ~worn] == 0) and pos[:, worn].min() > 0 and pos[:, worn].max() < 1
+        if s["pattern"] == "solid":
+            continue  # any garment pixel matches; only patterns tell positions apart
+        ys, xs = torch.nonzero(worn, as_tuple=True)
+        gy = (pos[0, ys, xs] * h).long().clamp(0, h - 1)  # relative y -> the flat pixel containing it
+        gx = (pos[1, ys, xs] * w).long().clamp(0, w - 1)
+        same = (s["garment"][:, gy, gx] == s["person"][:, ys, xs]).all(0)
+        agree += int(same.sum())
+        total += len(ys)
+    # The nearest flat pixel can lie across a stripe or dot edge, or just off the silhouette (a few
+    # per cent of the pixels); a position off by 5 % of the image height matches only about 63 %.
+    assert total > 1000 and agree / total > 0.95, agree / total
+
+
+def test_garment_pos_maps_the_worn_box_onto_the_flat_garment_box():
+    """An independent check of the affine map: the worn box's corner pixels land within a pixel
+    of the flat garment mask's box (both are the same garment box, scaled)."""
+    ds = SyntheticTryOn(20, resolution=(128, 96))
+    for i in range(len(ds)):
+        s = ds[i]
+        pos = s["garment_pos"]
+        worn = s["worn_mask"][0].bool()
+        gy0, gx0, gy1, gx1 = _bbox(s["garment_mask"][0].bool())
+        rows = torch.nonzero(worn.any(1)).flatten()
+        top_y = pos[0, rows[0]][worn[rows[0]]].mean() * 128
+        bottom_y = pos[0, rows[-1]][worn[rows[-1]]].mean() * 128
+        assert abs(top_y - (gy0 + 0.5)) < 1.5 and abs(bottom_y - (gy1 - 0.5)) < 1.5, s["name"]
+        cols = torch.nonzero(worn.any(0)).flatten()
+        left_x = pos[1][:, cols[0]][worn[:, cols[0]]].mean() * 96
+        right_x = pos[1][:, cols[-1]][worn[:, cols[-1]]].mean() * 96
+        assert abs(left_x - (gx0 + 0.5)) < 1.5 and abs(right_x - (gx1 - 0.5)) < 1.5, s["name"]
+
+
+def test_unpaired_worn_mask_and_garment_pos_describe_the_tryon_target():
+    ds = SyntheticTryOn(10, mode="unpaired")
+    for i in range(10):
+        s = ds[i]
+        check_sample(s)
+        assert torch.equal(s["worn_mask"][0].bool(), _garment_pixels(ds.tryon_target(i), s["colors"]))
 
 
 def test_unpaired_garment_is_another_samples_garment():

@@ -36,8 +36,24 @@ def _box_mask(y0: int, y1: int, x0: int, x1: int) -> Image.Image:
     return Image.fromarray(a)
 
 
-def make_viton(root: Path, ids: dict[str, list[str]], pose: bool = True) -> Path:
-    """<root>/{train,test}_pairs.txt and the six folders; test pairs are unpaired (rotated)."""
+def _parse(k: int) -> Image.Image:
+    """A 20-class LIP parse as VITON-HD ships it (palette PNG): hair 2, face 13, upper clothes 5,
+    a coat 7 below it, a left arm 14 and pants 9; the garment moves down 2k rows for sample k."""
+    lab = np.zeros((H, W), np.uint8)
+    lab[0:8, 16:32] = 2
+    lab[8:16, 16:32] = 13
+    lab[16 + 2 * k:40 + 2 * k, 10:38] = 5
+    lab[40 + 2 * k:44 + 2 * k, 10:38] = 7
+    lab[18:36, 4:10] = 14
+    lab[48:60, 14:34] = 9
+    im = Image.fromarray(lab, mode="P")
+    im.putpalette([v for i in range(256) for v in ((37 * i) % 256, (91 * i) % 256, (53 * i) % 256)])
+    return im
+
+
+def make_viton(root: Path, ids: dict[str, list[str]], pose: bool = True, parse: bool = True) -> Path:
+    """<root>/{train,test}_pairs.txt and the six folders (plus image-parse-v3 with ``parse``);
+    test pairs are unpaired (rotated)."""
     for split, names in ids.items():
         d = root / split
         for k, n in enumerate(names):
@@ -49,6 +65,9 @@ def make_viton(root: Path, ids: dict[str, list[str]], pose: bool = True) -> Path
             _box_mask(8, 56, 8, 40).save(d / "cloth-mask" / f"{n}.jpg", quality=95)
             (d / "agnostic-mask").mkdir(exist_ok=True)
             _box_mask(16 + 2 * k, 48, 10, 38).save(d / "agnostic-mask" / f"{n}_mask.png")
+            if parse:
+                (d / "image-parse-v3").mkdir(exist_ok=True)
+                _parse(k).save(d / "image-parse-v3" / f"{n}.png")
         if split == "train":
             lines = [f"{n}.jpg {n}.jpg" for n in names]
         else:
@@ -145,6 +164,47 @@ def test_viton_masks_agnostic_box_and_pose(viton_root):
     assert torch.equal(s["agnostic"][~inside], published[~inside])
     assert s["pose"].shape == (3, *RES)
     check_sample(s)
+
+
+def test_viton_worn_mask_is_the_upper_clothes_of_the_parse(viton_root):
+    """Labels 5 (upper clothes) and 7 (coat) of image-parse-v3; not face, hair, arm or pants."""
+    ds = VitonHD(viton_root, "test", "unpaired", resolution=RES)
+    for k in range(3):
+        s = ds[k]
+        check_sample(s)
+        # Full size: rows 16+2k..43+2k, cols 10..37; nearest 2x down -> rows 8+k..21+k, cols 5..18.
+        expected = torch.zeros(1, *RES)
+        expected[:, 8 + k:22 + k, 5:19] = 1
+        assert torch.equal(s["worn_mask"], expected), k
+    full = VitonHD(viton_root, "test", resolution=(H, W))[1]
+    expected = torch.zeros(1, H, W)
+    expected[:, 18:46, 10:38] = 1
+    assert torch.equal(full["worn_mask"], expected)
+    # The flip moves it with the person.
+    flipped = JointAugment(flip_prob=1.0)(full)
+    assert torch.equal(flipped["worn_mask"], expected.flip(-1))
+
+
+def test_viton_without_parse_falls_back_to_the_inpainting_mask_and_says_so_once(tmp_path, caplog):
+    root = make_viton(tmp_path / "v", VITON_IDS, pose=False, parse=False)
+    with caplog.at_level(logging.WARNING, logger="tryon_data"):
+        ds = VitonHD(root, "test", resolution=RES)
+        VitonHD(root, "test", "unpaired", resolution=RES)
+        VitonHD(root, "train", resolution=RES)
+        s = ds[1]
+    warnings = [r.getMessage() for r in caplog.records if "worn_mask" in r.getMessage()]
+    assert len(warnings) == 1 and "VITON-HD" in warnings[0] and "image-parse-v3" in warnings[0]
+    assert "falls back to the inpainting mask" in warnings[0]
+    assert torch.equal(s["worn_mask"], s["mask"])
+    check_sample(s)
+
+
+def test_viton_with_part_of_the_parse_folder_is_a_broken_tree(tmp_path):
+    root = make_viton(tmp_path / "v", VITON_IDS, pose=False)
+    gone = root / "test" / "image-parse-v3" / "00012_00.png"
+    gone.unlink()
+    with pytest.raises(DatasetError, match=r"(?s)optional 'worn_mask'.*1 of 3 required files.*00012_00.png"):
+        VitonHD(root, "test", resolution=RES)
 
 
 def test_viton_resizes_to_the_configured_resolution(viton_root):
@@ -264,6 +324,20 @@ def test_dresscode_mask_agnostic_and_garment_mask(dress_root):
                                  int(np.nonzero(m.any(1))[0][-1]) + 1, int(np.nonzero(m.any(0))[0][-1]) + 1]
     gm = s["garment_mask"][0]
     assert gm[12:48, 10:38].all() and not gm[:8].any() and not gm[:, :6].any()  # red block on white
+
+
+def test_dresscode_worn_mask_is_the_category_garment(dress_root):
+    """upper_body: upper clothes 4; lower_body: skirt 5 / pants 6; dresses: dress 7 (label_maps)."""
+    # _labels at 64x48: class 4 or 7 at rows 14..33, cols 14..33; class 6 or 7 at rows 34..55,
+    # cols 16..31. Nearest 2x down: rows 7..16, cols 7..16 and rows 17..27, cols 8..15.
+    top = torch.zeros(1, *RES)
+    top[:, 7:17, 7:17] = 1
+    bottom = torch.zeros(1, *RES)
+    bottom[:, 17:28, 8:16] = 1
+    for category, expected in (("upper_body", top), ("lower_body", bottom), ("dresses", top + bottom)):
+        s = DressCode(dress_root, "test", "paired", category=category, resolution=RES)[0]
+        check_sample(s)
+        assert torch.equal(s["worn_mask"], expected), category
 
 
 def test_dresscode_inpainting_mask_hand_cases():

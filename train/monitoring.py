@@ -1,14 +1,13 @@
-"""The I²AM monitor as the trainer sees it: four calls (and `close`).
+"""The I²AM monitor as the trainer sees it: three calls (and `close`).
 
-- `step_loss(latent_mask, timesteps, step)` after each forward: the stability
-  loss and per-layer dispersion from the monitor's last forward pass;
 - `dispersion(latent_mask, timesteps)`: the mean dispersion of the last forward,
   as an evaluation reading;
 - `recording(num_steps)`: a context yielding the monitor to pass to `models.Sampler`;
 - `report(maps, batch, generated, colour_errors)`: IMACS, figures and table rows for the sampler's maps.
 
-It holds no training state of its own (the loss's warm-up reads the step it is given),
-so there is nothing of it to checkpoint.
+The monitor itself (`self.monitor`) goes to the training objective
+(`losses.objective.TryOnObjective`), which sets its anchors and reads its statistics:
+no loss lives here. It holds no training state, so there is nothing of it to checkpoint.
 
 The monitor never sees the trainer; the trainer never sees processors or maps.
 """
@@ -23,28 +22,25 @@ import torch
 from configs.schema import MonitorConfig, StabilityConfig
 from i2am import AttentionMonitor, AttributionMaps
 from i2am.report import attribution_report, sample_rows
-from losses.stability import StabilityLoss
+from losses.stability import dispersion_readings
 
 
 class MonitorHooks:
     def __init__(self, model, monitor_cfg: MonitorConfig, stability_cfg: StabilityConfig) -> None:
         self.cfg = monitor_cfg
-        # moments: every monitored layer computes its attention centres and dispersion inside its
-        # own attention call, for the stability loss and the per-step dispersion metrics; maps are
-        # only recorded inside `recording()`.
+        # The dispersion reading gates by the loss's t window, as training logs it.
+        self.t_max = stability_cfg.t_max
+        # moments: every monitored layer computes its attention centres and dispersion (and the
+        # objective's anchored colours) inside its own attention call, for the stability loss and
+        # the per-step metrics; maps are only recorded inside `recording()`.
         self.monitor = AttentionMonitor(model.unet, reference_grid=model.reference_grid,
                                         extra_tokens=model.extra_tokens, layers=monitor_cfg.layers,
                                         chunk_size=monitor_cfg.chunk_size, moments=True, record=False)
-        self.loss = StabilityLoss(stability_cfg, monitored=self.monitor.layers)
-
-    def step_loss(self, latent_mask: torch.Tensor | None, timesteps: torch.Tensor | None,
-                  step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.loss(self.monitor.last_attention(), latent_mask, timesteps, step)
 
     def dispersion(self, latent_mask: torch.Tensor | None, timesteps: torch.Tensor | None) -> float:
         """Mean dispersion over every monitored layer of the last forward (masked, as logged in training)."""
-        _, metrics = self.loss(self.monitor.last_attention(), latent_mask, timesteps)
-        return float(metrics["i2am/dispersion/mean"])
+        values = dispersion_readings(self.monitor.last_attention(), latent_mask, timesteps, self.t_max)
+        return float(torch.stack(list(values.values())).mean())
 
     @contextlib.contextmanager
     def recording(self, num_steps: int) -> Iterator[AttentionMonitor]:

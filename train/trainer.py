@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from common.tables import fmt
 from configs.loader import to_yaml
 from configs.schema import Config
-from losses import DiffusionLoss
+from losses import DiffusionLoss, TryOnObjective
 from models import build_model
 from models.sampling import Sampler
 
@@ -68,6 +68,10 @@ class Trainer:
         sampler = Sampler.from_config(cfg.diffusion)
         self.noise_scheduler = sampler.train_scheduler  # training and sampling share one schedule
         self.diffusion_loss = DiffusionLoss(self.noise_scheduler, cfg.diffusion.snr_gamma)
+        # The whole training objective (noising, forward, diffusion + stability terms) is one object.
+        self.objective = TryOnObjective(self.diffusion_loss, cfg.model.cfg_drop_prob,
+                                        self.hooks.monitor if self.hooks is not None else None, cfg.stability,
+                                        dataset=f"data.name={cfg.data.name}")
         params = model.trainable_parameters()
         optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                       eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
@@ -112,11 +116,6 @@ class Trainer:
         device = self.accelerator.device
         return [torch.Generator(device).manual_seed((self.cfg.train.seed * 2**40 + int(p)) % 2**63)
                 for p in positions.tolist()]
-
-    def _dropped(self, generators: list[torch.Generator]) -> torch.Tensor:
-        """(B,) bool: the samples whose garment is replaced by the null tokens (guidance dropout)."""
-        u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in generators])
-        return u.to(self.accelerator.device) < self.cfg.model.cfg_drop_prob
 
     def _write_extras(self, directory: Path) -> None:
         (directory / "config.yaml").write_text(to_yaml(self.cfg))
@@ -195,33 +194,18 @@ class Trainer:
         totals: dict[str, torch.Tensor] = {}
         for i in range(accum):
             batch = next(batches)
-            gen = self._generators(batch["position"])  # drawn in order: dropout, noise, timestep
+            gen = self._generators(batch["position"])  # each drawn in order: dropout, noise, timestep
             batch = to_device(batch, acc.device)
-            model = self.unwrapped
-            latents = model.codec.encode(batch["person"])
-            cond = model.condition(batch)
-            drop = self._dropped(gen)
-            seen: dict[str, torch.Tensor] = {}
-
-            def forward(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                seen["t"] = t
-                return self.model(noisy, t, cond, batch["garment"], drop)
-
-            loss, metrics = self.diffusion_loss(forward, latents, gen)
             problem = ""
-            if self.hooks is not None:
-                try:
-                    extra, extra_metrics = self.hooks.step_loss(model.codec.latent_mask(batch["mask"]), seen["t"],
-                                                                self.step)
-                    loss = loss + extra
-                    metrics.update(extra_metrics)
-                except FloatingPointError as err:  # names the layer whose statistic is NaN
-                    problem, loss = str(err), loss * float("nan")
+            try:
+                loss, metrics = self.objective(self.model, self.unwrapped, batch, gen, self.step)
+            except FloatingPointError as err:  # names the layer whose attention statistic is NaN
+                problem, loss, metrics = str(err), torch.full((), float("nan"), device=acc.device), {}
             metrics["loss/total"] = loss.detach()
             finite = torch.isfinite(loss).float()
             if acc.num_processes > 1:
                 finite = acc.reduce(finite, reduction="sum") / acc.num_processes  # every rank skips together
-            self.samples_seen += latents.shape[0] * acc.num_processes
+            self.samples_seen += batch["person"].shape[0] * acc.num_processes
             if finite.item() < 1 - 1e-6:
                 bad = [k for k, v in metrics.items() if not torch.isfinite(v).all() and k != "loss/total"]
                 what = problem or ", ".join(bad) or "on another rank"

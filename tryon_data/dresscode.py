@@ -22,6 +22,7 @@ images, inpainting masks or garment masks; they are derived here:
   pants 6 + legs 12, 13; dresses = dress 7 + arms 14, 15 + legs 12, 13.
 * agnostic = person with the mask greyed (0 in [-1, 1]).
 * garment mask = non-white pixels of the product photo, holes filled.
+* worn-garment mask = the parsing labels of the category's garment (GARMENT_LABELS).
 """
 
 from __future__ import annotations
@@ -190,6 +191,8 @@ class DressCode(RealTryOn[DressEntry]):
             "garment_mask": garment_mask_from_white(garment),
             "agnostic": person * (1 - mask),
             "mask": mask,
+            # The worn garment: its category's parsing classes (the same labels the mask adds back).
+            "worn_mask": torch.from_numpy(np.isin(labels, GARMENT_LABELS[entry.category]).astype(np.float32))[None],
             "name": self.entry_name(entry),
         }
         if self.use_pose:

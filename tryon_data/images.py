@@ -139,7 +139,7 @@ def labels_to_rgb(labels: np.ndarray) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ augmentation
 IMAGE_KEYS: tuple[str, ...] = ("person", "garment", "agnostic")
-SPATIAL_KEYS: tuple[str, ...] = ("person", "garment", "garment_mask", "agnostic", "mask", "pose")
+SPATIAL_KEYS: tuple[str, ...] = ("person", "garment", "garment_mask", "agnostic", "mask", "pose", "worn_mask")
 
 
 def _adjust(img01: torch.Tensor, brightness: float, contrast: float, saturation: float) -> torch.Tensor:
@@ -158,6 +158,7 @@ class JointAugment:
 
     * Horizontal flip (probability ``flip_prob``) of person, garment, masks, agnostic and
       pose together: a flip of one without the others would teach the model to mirror.
+      ``garment_pos`` follows (mirrored columns, x -> 1 - x on the worn garment).
     * Colour jitter: brightness, contrast and saturation factors drawn once from
       U(1 - s, 1 + s) and applied to person, agnostic *and* garment, so the garment's
       colour still matches the worn one; the agnostic's grey region is re-greyed after.
@@ -183,6 +184,11 @@ class JointAugment:
             for k in SPATIAL_KEYS:
                 if k in out:
                     out[k] = out[k].flip(-1)
+            if "garment_pos" in out:
+                # Person and garment flip together: a worn pixel moves to the mirrored column and
+                # its garment point to the mirrored relative x (1 - x); 0 stays 0 off the garment.
+                pos = out["garment_pos"].flip(-1)
+                out["garment_pos"] = torch.stack([pos[0], (1 - pos[1]) * out["worn_mask"][0]])
         s = self.color_jitter
         if s > 0:
             b, c, sat = (1 - s + 2 * s * v for v in u[1:])

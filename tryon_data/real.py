@@ -12,9 +12,12 @@ from typing import Any, Generic, TypeVar
 from torch.utils.data import Dataset
 
 from .images import DatasetError, JointAugment, UnreadableFileError, mask_box
-from .tree_check import check_files
+from .tree_check import check_files, find_missing
 
 log = logging.getLogger("tryon_data")
+# What a sample gets instead when a tree lacks an optional kind of file (key: the contract key).
+FALLBACK = {"worn_mask": "'worn_mask' falls back to the inpainting mask"}
+_warned: set[tuple[str, str, str]] = set()  # (data set, root, kind): say it once per process
 
 E = TypeVar("E")  # one data set entry (a pair of file names and where they live)
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -60,6 +63,25 @@ class RealTryOn(Dataset, Generic[E]):
         self.bad_files: dict[int, str] = {}
         check_files(itertools.chain.from_iterable(self.required_files(e) for e in entries), self.root,
                     f"{self.dataset_name} ({split}, {mode})")
+        self.present: set[str] = self._check_optional(entries, f"{self.dataset_name} ({split}, {mode})")
+
+    def _check_optional(self, entries: list[E], what: str) -> set[str]:
+        """The optional kinds of file every entry has. A kind no entry has falls back (a warning
+        naming the data set, once per process); one only some entries have is a broken tree and
+        stops here, like a missing required file."""
+        present = set()
+        for kind in self.optional_files(entries[0]):
+            paths = [self.optional_files(e)[kind] for e in entries]
+            missing, total = find_missing(paths)
+            if not missing:
+                present.add(kind)
+            elif len(missing) < total:
+                check_files(paths, self.root, f"{what} optional {kind!r} files (a tree has all of them or none)")
+            elif (key := (self.dataset_name, str(self.root), kind)) not in _warned:
+                _warned.add(key)
+                log.warning("%s at %s: no %s files (e.g. %s); %s", self.dataset_name, self.root, kind,
+                            missing[0], FALLBACK.get(kind, "samples come without it"))
+        return present
 
     # -- what subclasses provide -------------------------------------------------------------
     @abstractmethod
@@ -70,14 +92,19 @@ class RealTryOn(Dataset, Generic[E]):
     def required_files(self, entry: E) -> list[Path]:
         """Every file ``load(entry)`` reads."""
 
+    def optional_files(self, entry: E) -> dict[str, Path]:
+        """Files ``load(entry)`` reads when the tree has them, by the contract key they give
+        (``self.present`` says which kinds the tree has). None by default."""
+        return {}
+
     @abstractmethod
     def entry_name(self, entry: E) -> str:
         """The sample's "name" (without reading any file)."""
 
     @abstractmethod
     def load(self, entry: E) -> dict[str, Any]:
-        """person, garment, garment_mask, agnostic, mask, name[, pose]: the contract's
-        tensors at ``self.resolution``; the box is added here."""
+        """person, garment, garment_mask, agnostic, mask, worn_mask, name[, pose]: the
+        contract's tensors at ``self.resolution``; the box is added here."""
 
     # -- the Dataset protocol --------------------------------------------------------------
     def __len__(self) -> int:

@@ -23,7 +23,19 @@ Optional (a data set gives each of them in all of its samples or in none):
 "pattern"        str                         the pattern kind of "garment" (synthetic)
 "colors"         float32 (2, 3) [0, 1]       the two colours of "garment" (synthetic)
 "pose"           float32 (3, H, W) [-1, 1]   a densepose rendering (real data, data.use_pose)
+"worn_mask"      float32 (1, H, W) {0, 1}    where the garment is worn in the ground truth
+                                             (synthetic: exact; VITON-HD: image-parse-v3 upper
+                                             clothes; DressCode: the category's label_maps
+                                             classes; a tree without parsing: the inpainting mask)
+"garment_pos"    float32 (2, H, W) [0, 1]    for each worn-garment pixel, the (y, x) position of
+                                             the same garment point in "garment", relative to
+                                             the image size (the convention of the monitor's key
+                                             cell centres); 0 outside "worn_mask" (synthetic)
 ===============  ==========================  ===================================================
+
+"garment_pos" comes with "worn_mask", which says where it is valid. In synthetic unpaired mode both
+describe the true try-on result (``SyntheticTryOn.tryon_target``), the only image in which the
+given garment is worn.
 
 "box" is required (not optional) so that box-mIoU evaluation works on every data set.
 """
@@ -36,9 +48,9 @@ from typing import Any
 import torch
 
 REQUIRED_KEYS: tuple[str, ...] = ("person", "garment", "garment_mask", "agnostic", "mask", "box", "name")
-OPTIONAL_KEYS: tuple[str, ...] = ("pattern", "colors", "pose")
-# Every key of a synthetic sample (the required ones plus its pattern and colours).
-SAMPLE_KEYS: tuple[str, ...] = REQUIRED_KEYS + ("pattern", "colors")
+OPTIONAL_KEYS: tuple[str, ...] = ("pattern", "colors", "pose", "worn_mask", "garment_pos")
+# Every key of a synthetic sample (the required ones plus its pattern, colours and correspondence).
+SAMPLE_KEYS: tuple[str, ...] = REQUIRED_KEYS + ("pattern", "colors", "worn_mask", "garment_pos")
 
 
 def check_sample(sample: Mapping[str, Any]) -> None:
@@ -55,7 +67,8 @@ def check_sample(sample: Mapping[str, Any]) -> None:
         raise ValueError(f"'person': expected a (3, H, W) tensor, got {_describe(person)}")
     _, h, w = person.shape
     expected = {"person": (3, h, w), "garment": (3, h, w), "agnostic": (3, h, w),
-                "garment_mask": (1, h, w), "mask": (1, h, w), "colors": (2, 3), "pose": (3, h, w)}
+                "garment_mask": (1, h, w), "mask": (1, h, w), "colors": (2, 3), "pose": (3, h, w),
+                "worn_mask": (1, h, w), "garment_pos": (2, h, w)}
     for key, shape in expected.items():
         if key not in sample:
             continue
@@ -68,9 +81,18 @@ def check_sample(sample: Mapping[str, Any]) -> None:
         t = sample[key]
         if not bool(torch.isfinite(t).all()) or t.min() < -1 or t.max() > 1:
             raise ValueError(f"{key!r}: expected values in [-1, 1]")
-    for key in ("garment_mask", "mask"):
-        if not bool(((sample[key] == 0) | (sample[key] == 1)).all()):
+    for key in ("garment_mask", "mask", "worn_mask"):
+        if key in sample and not bool(((sample[key] == 0) | (sample[key] == 1)).all()):
             raise ValueError(f"{key!r}: expected values in {{0, 1}}")
+    if "garment_pos" in sample:
+        pos = sample["garment_pos"]
+        if "worn_mask" not in sample:
+            raise ValueError("'garment_pos': comes with 'worn_mask' (which says where it is valid), "
+                             "but the sample has no 'worn_mask'")
+        if not bool(torch.isfinite(pos).all()) or pos.min() < 0 or pos.max() > 1:
+            raise ValueError("'garment_pos': expected finite values in [0, 1]")
+        if bool((pos * (1 - sample["worn_mask"])).ne(0).any()):
+            raise ValueError("'garment_pos': expected 0 outside 'worn_mask'")
     colors = sample.get("colors")
     if colors is not None and (colors.min() < 0 or colors.max() > 1):
         raise ValueError("'colors': expected values in [0, 1]")

@@ -2,8 +2,9 @@
 
 Each sample is a simple figure (head, neck, arms, trousers) in front of a muted background,
 wearing a T-shirt with a pattern (solid, stripes, checks, dots), plus the flat garment on
-white, its mask, the garment-agnostic person, the inpainting mask and the garment's box
-(the contract is in :mod:`tryon_data.samples`).
+white, its mask, the garment-agnostic person, the inpainting mask, the garment's box, the
+exact worn-garment mask and, for each worn pixel, the position of the same garment point in
+the flat garment image (the contract is in :mod:`tryon_data.samples`).
 
 Why it looks like this:
 
@@ -250,13 +251,30 @@ def _person_uv(p: _Person, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     return (y - p.ys) / p.gh, (x - (p.cx - p.gw / 2)) / p.gw
 
 
-def _flat_uv(p: _Person, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Garment coordinates of the flat garment image: the silhouette worn by its owner ``p``,
-    uniformly scaled to fit 86 % of the image, centred (so (u, v) matches the worn garment)."""
-    y, x = _grid(h, w)
+def _flat_frame(p: _Person) -> tuple[float, float, float, float]:
+    """(top, left, height, width) of the garment box in the flat garment image, relative to
+    the image size: the silhouette worn by its owner ``p``, uniformly scaled to fit 86 % of
+    the image, centred."""
     k = 0.86 / max(p.gh, p.gw)
     fh, fw = k * p.gh, k * p.gw
-    return (y - (0.5 - fh / 2)) / fh, (x - (0.5 - fw / 2)) / fw
+    return 0.5 - fh / 2, 0.5 - fw / 2, fh, fw
+
+
+def _flat_uv(p: _Person, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Garment coordinates of the flat garment image (so (u, v) matches the worn garment)."""
+    y, x = _grid(h, w)
+    top, left, fh, fw = _flat_frame(p)
+    return (y - top) / fh, (x - left) / fw
+
+
+def _garment_pos(u: np.ndarray, v: np.ndarray, worn: np.ndarray, owner: _Person) -> np.ndarray:
+    """float32 (2, H, W): where garment point (u, v) of each worn pixel lies in the flat garment
+    image of ``owner``'s garment, as (y, x) relative to the image size; 0 off the garment.
+    The inverse of :func:`_flat_uv`: the worn pixel and that flat point show the same colour."""
+    top, left, fh, fw = _flat_frame(owner)
+    y = np.broadcast_to(top + u * fh, worn.shape)
+    x = np.broadcast_to(left + v * fw, worn.shape)
+    return np.where(worn, np.stack([y, x]), 0).astype(np.float32)
 
 
 def _garment_labels(garment: np.ndarray, pat: np.ndarray | None, base: np.ndarray | int) -> np.ndarray:
@@ -385,6 +403,8 @@ class SyntheticTryOn(torch.utils.data.Dataset):
         garment = _colourise(owner_p, garment_g, _garment_labels(flat_mask, pat_f, _L_WHITE))
         # 1-px dilation: the mask's edge must not trace the garment's outline exactly.
         mask = _dilate(region)[None].astype(np.float32)
+        # The worn garment of the true result: "person" when paired, tryon_target(i) when not.
+        target_worn = worn if j == i else _garment_fields(pu, pv, person_p, garment_g)[0]
         return {
             "person": torch.from_numpy(person),
             "garment": torch.from_numpy(garment),
@@ -395,6 +415,8 @@ class SyntheticTryOn(torch.utils.data.Dataset):
             "name": f"synthetic_{self.split}_{i:06d}",
             "pattern": garment_g.pattern,
             "colors": torch.tensor([garment_g.c1, garment_g.c2], dtype=torch.float32),
+            "worn_mask": torch.from_numpy(target_worn[None].astype(np.float32)),
+            "garment_pos": torch.from_numpy(_garment_pos(pu, pv, target_worn, owner_p)),
         }
 
     def tryon_target(self, i: int) -> torch.Tensor:

@@ -9,6 +9,9 @@
                         agnostic-v3.2/<id>_00.jpg       person with the garment area greyed
                         agnostic-mask/<id>_00_mask.png  inpainting mask
                         image-densepose/<id>_00.jpg     densepose rendering (data.use_pose only)
+                        image-parse-v3/<id>_00.png      human parsing, 20 LIP classes (optional:
+                                                        the worn-garment mask; without the folder
+                                                        it falls back to the inpainting mask)
 
 Modes: ``test_pairs.txt`` is the *unpaired* test list (another person's garment);
 ``mode="paired"`` substitutes the person's own garment (cloth/<person id>), which is how
@@ -25,9 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .images import read_mask, read_rgb
+import numpy as np
+import torch
+
+from .images import read_labels, read_mask, read_rgb
 from .real import RealTryOn, stem
 from .tree_check import read_pairs
+
+# LIP classes of image-parse-v3 that make up the worn garment: upper clothes 5, dress 6, coat 7
+# (the grouping VITON-HD's own preprocessing uses for its "upper" parse channel).
+UPPER_LABELS: tuple[int, ...] = (5, 6, 7)
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,9 @@ class VitonHD(RealTryOn[VitonEntry]):
     def required_files(self, entry: VitonEntry) -> list[Path]:
         return list(self._paths(entry).values())
 
+    def optional_files(self, entry: VitonEntry) -> dict[str, Path]:
+        return {"worn_mask": self.root / self.split / "image-parse-v3" / f"{stem(entry.person)}.png"}
+
     def entry_name(self, e: VitonEntry) -> str:
         return stem(e.person) if self.mode == "paired" else f"{stem(e.person)}_{stem(e.garment)}"
 
@@ -84,8 +97,16 @@ class VitonHD(RealTryOn[VitonEntry]):
             "garment_mask": read_mask(p["garment_mask"], size),
             "agnostic": read_rgb(p["agnostic"], size) * (1 - mask),
             "mask": mask,
+            "worn_mask": self._worn_mask(entry, mask),
             "name": self.entry_name(entry),
         }
         if self.use_pose:
             sample["pose"] = read_rgb(p["pose"], size)
         return sample
+
+    def _worn_mask(self, entry: VitonEntry, mask: torch.Tensor) -> torch.Tensor:
+        """Upper clothes of the person's parsing (nearest-resized labels), else the inpainting mask."""
+        if "worn_mask" not in self.present:
+            return mask.clone()
+        labels = read_labels(self.optional_files(entry)["worn_mask"], self.resolution)
+        return torch.from_numpy(np.isin(labels, UPPER_LABELS).astype(np.float32))[None]

@@ -263,3 +263,51 @@ def test_moments_come_from_the_layer_attention_call(tiny_unet, cross_names):
     finally:
         tiny_unet.set_attn_processor(original)
     assert last[cross_names[0]].var is None and last[cross_names[1]].var is not None
+
+
+def test_anchors_ride_along_in_every_layer_attention_call(tiny_unet, cross_names):
+    """set_anchors: per-sample values on the reference grid; each layer's own call returns
+    sum_j A_ij a_j (checked against the explicit softmax of its kept q/k, with gradients), the
+    UNet output stays the plain one, and the anchors stay until cleared."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    x, c = _inputs()
+    anchors = torch.randn(2, REF[0] * REF[1], 3, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        plain = tiny_unet(x, 300, c).sample
+    with AttentionMonitor(tiny_unet, REF, moments=True, record=False) as mon:
+        mon.set_anchors(anchors)
+        out = tiny_unet(x, 300, c).sample
+        last = mon.last_attention()
+        assert all(s.anchors is anchors for s in last.values())
+        for s in last.values():
+            probs = torch.softmax(s.query @ s.key.transpose(-1, -2) * s.scale, dim=-1)
+            explicit = torch.einsum("bhqj,bjc->bhqc", probs, anchors)
+            assert s.anchored.shape == (*s.query.shape[:3], 3)
+            torch.testing.assert_close(s.anchored, explicit, atol=1e-5, rtol=0)
+            w = torch.randn(explicit.shape, generator=torch.Generator().manual_seed(1))
+            got = torch.autograd.grad((s.anchored * w).sum(), (s.query, s.key), retain_graph=True)
+            want = torch.autograd.grad((explicit * w).sum(), (s.query, s.key), retain_graph=True)
+            for a, b in zip(got, want):
+                assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+        with pytest.raises(ValueError, match=r"anchors are \(2, 12, 3\) but the layer runs a batch of 4"):
+            x4, c4 = _inputs(batch=4)
+            tiny_unet(x4, 300, c4)
+        mon.set_anchors(None)
+        tiny_unet(x, 300, c)
+        assert all(s.anchors is None and s.anchored is None for s in mon.last_attention().values())
+    torch.testing.assert_close(out, plain, atol=1e-5, rtol=0)
+    # A layer on another processor keeps the anchors but computes nothing in its call.
+    original = dict(tiny_unet.attn_processors)
+    tiny_unet.set_attn_processor({n: (AttnProcessor() if n == cross_names[0] else p) for n, p in original.items()})
+    try:
+        with AttentionMonitor(tiny_unet, REF, moments=True, record=False) as mon:
+            mon.set_anchors(anchors)
+            tiny_unet(x, 300, c)
+            last = mon.last_attention()
+    finally:
+        tiny_unet.set_attn_processor(original)
+    assert last[cross_names[0]].anchored is None and last[cross_names[0]].anchors is anchors
+    assert last[cross_names[1]].anchored is not None
+    with pytest.raises(ValueError, match="set_anchors: expected a \\(B, N_grid, C\\) tensor"):
+        AttentionMonitor.set_anchors(mon, anchors[0])
