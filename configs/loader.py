@@ -123,7 +123,7 @@ CHOICES: dict[str, Iterable[str]] = {
     "data.name": ("synthetic", "viton_hd", "dresscode"),
     "model.codec.kind": ("pixel", "vae"),
     "model.garment.kind": ("conv", "clip"),
-    "diffusion.prediction_type": ("epsilon", "v_prediction"),
+    "diffusion.prediction_type": ("epsilon", "v_prediction", "sample"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "tracker.kind": ("wandb", "tensorboard", "none"),
     "tracker.mode": ("auto", "online", "offline"),

@@ -73,7 +73,7 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    prediction_type: str = "v_prediction"  # "epsilon" | "v_prediction"
+    prediction_type: str = "v_prediction"  # "epsilon" | "v_prediction" | "sample" (x0)
     num_train_timesteps: int = 1000
     beta_schedule: str = "scaled_linear"
     snr_gamma: Optional[float] = 5.0  # min-SNR weighting; None disables

@@ -47,12 +47,14 @@ class DiffusionLoss:
         self.scheduler = scheduler
         self.prediction_type = scheduler.config.prediction_type
         self.snr_gamma = snr_gamma
-        if self.prediction_type not in ("epsilon", "v_prediction"):
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         if self.prediction_type == "epsilon":
             return noise
+        if self.prediction_type == "sample":  # x0-prediction: the clean latents themselves
+            return latents
         return self.scheduler.get_velocity(latents, noise, timesteps)
 
     def weights(self, timesteps: torch.Tensor) -> torch.Tensor:
@@ -60,7 +62,10 @@ class DiffusionLoss:
             return torch.ones_like(timesteps, dtype=torch.float32)
         snr = compute_snr(self.scheduler, timesteps)
         clipped = torch.clamp(snr, max=self.snr_gamma)
-        # v-prediction's MSE is (snr + 1) times epsilon-space error; epsilon's is snr times x0-space.
+        # Min-SNR weights x0-space error by min(snr, γ): v-prediction's MSE is (snr + 1) times the
+        # x0-space error, epsilon's snr times; x0-prediction's is the x0-space error itself.
+        if self.prediction_type == "sample":
+            return clipped
         return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
 
     def noised(self, latents: torch.Tensor, generator: Generators = None) -> Noised:

@@ -158,12 +158,13 @@ def _alpha_bar(t: torch.Tensor, n: int = 1000) -> torch.Tensor:
     return torch.cumprod(1 - betas, 0)[t]
 
 
-@pytest.mark.parametrize("prediction, gamma", [("epsilon", "null"), ("v_prediction", "null"),
-                                               ("epsilon", 5.0), ("v_prediction", 5.0)])
+@pytest.mark.parametrize("prediction, gamma", [("epsilon", "null"), ("v_prediction", "null"), ("sample", "null"),
+                                               ("epsilon", 5.0), ("v_prediction", 5.0), ("sample", 5.0)])
 def test_loss_target_and_weights_from_the_config(tmp_path, prediction, gamma):
     """The trainer's loss with a stand-in model (a fixed function of its input) against the
-    MSE written out by hand: target noise (epsilon) or v = sqrt(ᾱ)·ε − sqrt(1−ᾱ)·x0, weights 1
-    without min-SNR, else min(SNR, γ)/SNR (epsilon) or min(SNR, γ)/(SNR + 1) (v)."""
+    MSE written out by hand: target noise (epsilon), x0 (sample) or v = sqrt(ᾱ)·ε − sqrt(1−ᾱ)·x0,
+    weights 1 without min-SNR, else min(SNR, γ)/SNR (epsilon), min(SNR, γ) (sample) or
+    min(SNR, γ)/(SNR + 1) (v)."""
     cfg = load_config(overrides=tiny_overrides(tmp_path, **{**SMALL, "diffusion.prediction_type": prediction,
                                                             "diffusion.snr_gamma": gamma}))
     assert cfg.diffusion.snr_gamma == (None if gamma == "null" else gamma)  # YAML null reaches the schema
@@ -181,13 +182,14 @@ def test_loss_target_and_weights_from_the_config(tmp_path, prediction, gamma):
     ab = _alpha_bar(t).view(-1, 1, 1, 1)
     noisy = seen["noisy"].double()
     eps = (noisy - ab.sqrt() * x0.double()) / (1 - ab).sqrt()  # the noise, whatever order it was drawn in
-    target = eps if prediction == "epsilon" else ab.sqrt() * eps - (1 - ab).sqrt() * x0.double()
+    target = {"epsilon": eps, "sample": x0.double(),
+              "v_prediction": ab.sqrt() * eps - (1 - ab).sqrt() * x0.double()}[prediction]
     mse = ((0.3 * noisy + 0.1 - target) ** 2).mean(dim=(1, 2, 3))
     snr = (ab / (1 - ab)).flatten()
     if gamma == "null":
         weights = torch.ones_like(snr)
     else:
-        weights = snr.clamp(max=gamma) / (snr if prediction == "epsilon" else snr + 1)
+        weights = snr.clamp(max=gamma) / {"epsilon": snr, "v_prediction": snr + 1, "sample": 1.0}[prediction]
     assert float(loss) == pytest.approx(float((mse * weights).mean()), rel=1e-4)
     assert float(metrics["loss/mse"]) == pytest.approx(float(mse.mean()), rel=1e-4)
     trainer.close()
