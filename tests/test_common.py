@@ -112,6 +112,6 @@ def test_the_projects_tables_use_the_builder():
 
     row = {"colour_error": 0.1, "pixel_error": 0.2, "ssim": 0.3, "dispersion": float("nan"), "imacs_g": None,
            "imacs_r": 0.5, "steps": 4, "minutes": 1.26}
-    lines = results_table({"baseline": row}).splitlines()
-    assert lines[1] == "|---|" + "---:|" * 8
-    assert lines[2] == "| baseline | 0.1000 | 0.2000 | 0.3000 | n/a | n/a | 0.5000 | 4 | 1.3 |"
+    lines = results_table({"baseline": {"seeds": {0: row}, "mean": row, "sd": {}}}).splitlines()
+    assert lines[1] == "|---|" + "---:|" * 7  # no worn-mask, centre-error or mIoU column: no row has them
+    assert lines[2] == "| baseline (1 seed) | 0.1000 | 0.2000 | 0.300 | n/a | n/a | 0.50 | 1.3 |"
