@@ -35,7 +35,7 @@ code adds the per-layer terms (with one layer, sum and mean agree).
 
 These functions are pure: tensors in, tensors out, no model, monitor or trainer.
 The probabilities are explicit ((B, heads, N_q, N_grid), kept for backward), which
-is affordable for one layer; `bench/step.py` measures the cost.
+is affordable for one layer; `bench/authors_cost.py` measures the cost.
 """
 from __future__ import annotations
 
