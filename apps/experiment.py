@@ -3,7 +3,7 @@ seeds, evaluated on the same held-out samples; one markdown table (mean ± sd ov
 seeds), the two fill baselines beside them, and figures of maps and samples.
 
     python -m apps.experiment configs/experiments/baseline.yaml configs/experiments/anchored.yaml [more arms] \
-        [--seeds 0 1 2] [--out runs/stability] [--eval-samples 64] [key=value ...]
+        [--seeds 0,1,2] [--out runs/stability] [--eval-samples 64] [key=value ...]
 
 Overrides apply to every arm (e.g. `train.max_steps=300` for a quicker look;
 `train.resume=latest` re-evaluates arms already trained). A seed sets `train.seed` (weights,
@@ -187,6 +187,16 @@ def samples_figure(arms: Mapping[str, tuple], samples: int = 8) -> np.ndarray:
     return sample_grid(columns)
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated integers like 0,1,2, got {text!r}")
+    return seeds
+
+
 def main(argv: list[str] | None = None) -> int:
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
@@ -195,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("arms", nargs="+", help="experiment config files (one per arm) and key=value overrides")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed of each run of every arm")
+    # One comma-separated value, so that key=value overrides after it are not taken for seeds.
+    parser.add_argument("--seeds", type=_seeds, default=[0], help="train.seed of each run of every arm, e.g. 0,1,2")
     parser.add_argument("--out", default="runs/stability")
     parser.add_argument("--eval-samples", type=int, default=64)
     args = parser.parse_intermixed_args(argv)

@@ -1,7 +1,9 @@
 """The experiment's summary and table, against hand-worked values."""
 import pytest
 
-from apps.experiment import results_table, summarise
+import argparse
+
+from apps.experiment import _seeds, results_table, summarise
 
 
 def test_summarise_is_mean_and_sample_sd_over_seeds():
@@ -24,3 +26,10 @@ def test_table_has_fills_then_arms_with_mean_and_sd_and_drops_empty_columns():
         "| anchored (2 seeds) | 0.0400 ± 0.0010 | 0.2000 ± 0.0100 |",
         "| baseline (1 seed) | 0.0500 | n/a |",
     ]
+
+
+def test_seeds_are_one_comma_separated_value():
+    assert _seeds("0,1,2") == [0, 1, 2] and _seeds("7") == [7]
+    for bad in ("a,b", "1,1", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _seeds(bad)

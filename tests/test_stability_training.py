@@ -67,7 +67,7 @@ def test_experiment_runner_writes_one_table_for_both_arms(tmp_path):
 
     overrides = [o for o in tiny_overrides(tmp_path, **{"train.max_steps": 2}) if not o.startswith("train.output_dir")]
     code = main(["configs/experiments/baseline.yaml", "configs/experiments/refined.yaml", "--out", str(tmp_path / "exp"),
-                 "--eval-samples", "4", "--seeds", "0", "1", *overrides])
+                 "--eval-samples", "4", "--seeds", "0,1", *overrides])
     assert code == 0
     table = (tmp_path / "exp" / "results.md").read_text()
     assert "| baseline (2 seeds) |" in table and "| refined (2 seeds) |" in table and "±" in table
