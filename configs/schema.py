@@ -48,6 +48,10 @@ class UNetConfig:
     size: str = "tiny"  # key into models.registry.UNET_SIZES
     pretrained: Optional[str] = None  # local UNet2DConditionModel directory
     use_pose: bool = False  # add a pose (densepose) latent to the UNet input
+    # Add two input channels: each latent cell's (y, x) relative to the inpainting mask's
+    # bounding box (CoordConv). Cross-attention can only fetch the garment cell that belongs at
+    # a place on the torso if the query knows where on the garment region it is.
+    mask_coords: bool = False
     gradient_checkpointing: bool = False
 
 
@@ -57,6 +61,8 @@ class GarmentEncoderConfig:
     kind: str = "conv"
     grid: List[int] = field(default_factory=lambda: [8, 6])  # (h_r, w_r) of the token grid
     width: int = 64  # conv tokenizer channels
+    downsample: int = 2  # conv tokenizer: stride-2 convolutions before pooling to the grid
+    mixer_layers: int = 0  # conv tokenizer: transformer layers over the tokens (global view of the garment)
     pretrained: Optional[str] = None  # local CLIPVisionModel directory (kind=clip)
     clip_size: str = "tiny"  # config used when kind=clip and pretrained is None
     freeze_backbone: bool = True  # kind=clip: train only the projection

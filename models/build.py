@@ -14,15 +14,17 @@ from .unet import build_unet
 def build_model(cfg: ModelConfig) -> TryOnModel:
     codec = build_codec(cfg.codec.kind, cfg.codec.pixel_factor, cfg.codec.pretrained, cfg.codec.scaling_factor)
     c = codec.latent_channels
-    in_channels = c + c + 1 + (c if cfg.unet.use_pose else 0)  # noisy + agnostic + mask [+ pose]
+    # noisy + agnostic + mask [+ pose] [+ mask-box coordinates]
+    in_channels = c + c + 1 + (c if cfg.unet.use_pose else 0) + (2 if cfg.unet.mask_coords else 0)
     unet = build_unet(cfg.unet.size, in_channels, c, cfg.unet.pretrained)
     if cfg.unet.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     garment = build_garment_encoder(
         cfg.garment.kind, unet.config.cross_attention_dim, tuple(cfg.garment.grid), cfg.garment.width,
         cfg.garment.pretrained, cfg.garment.clip_size, cfg.garment.freeze_backbone,
+        cfg.garment.downsample, cfg.garment.mixer_layers,
     )
-    return TryOnModel(codec, unet, garment, use_pose=cfg.unet.use_pose)
+    return TryOnModel(codec, unet, garment, use_pose=cfg.unet.use_pose, mask_coords=cfg.unet.mask_coords)
 
 
 def load_trained_model(cfg: ModelConfig, weights_dir: str | Path) -> TryOnModel:

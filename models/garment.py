@@ -33,28 +33,39 @@ class GarmentEncoder(nn.Module):
 
 
 class ConvTokenizer(GarmentEncoder):
-    """A small CNN trained from scratch: stride-2 convolutions, pooled to the token
-    grid, plus a learned position embedding so tokens know where on the garment they are."""
+    """A small CNN trained from scratch: `downsample` stride-2 convolutions, pooled to the
+    token grid, plus a learned position embedding so tokens know where on the garment they
+    are, then `mixer_layers` transformer layers over the tokens.
 
-    def __init__(self, grid: tuple[int, int], dim: int, width: int = 64) -> None:
+    Why the mixer: a token's convolutional receptive field covers a few pixels, so it cannot
+    tell where on the garment (relative to collar and hem) it sits, which a torso patch
+    needs to find "its" cell; self-attention over the whole grid gives every token that
+    global view (real try-on models encode the garment with a whole UNet or ViT)."""
+
+    def __init__(self, grid: tuple[int, int], dim: int, width: int = 64, downsample: int = 2,
+                 mixer_layers: int = 0) -> None:
         super().__init__()
         self.reference_grid = (int(grid[0]), int(grid[1]))
         self.extra_tokens = 0
         self.dim = dim
-        self.features = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.SiLU(),
-            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.SiLU(),
-            nn.Conv2d(width, dim, 1),
-        )
+        layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1), nn.SiLU()]
+        for _ in range(downsample):
+            layers += [nn.Conv2d(width, width, 3, stride=2, padding=1), nn.SiLU()]
+        self.features = nn.Sequential(*layers, nn.Conv2d(width, dim, 1))
         n = self.reference_grid[0] * self.reference_grid[1]
         self.position = nn.Parameter(torch.randn(1, n, dim) * 0.02)
         self.norm = nn.LayerNorm(dim)
+        self.mixer = nn.ModuleList(
+            nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=2 * dim, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True)
+            for _ in range(mixer_layers))
 
     def forward(self, garment: torch.Tensor) -> torch.Tensor:
         x = F.adaptive_avg_pool2d(self.features(garment), self.reference_grid)
-        tokens = x.flatten(2).transpose(1, 2)  # (B, h_r*w_r, dim), row-major like the grid
-        return self.norm(tokens + self.position)
+        tokens = x.flatten(2).transpose(1, 2) + self.position  # (B, h_r*w_r, dim), row-major like the grid
+        for layer in self.mixer:
+            tokens = layer(tokens)
+        return self.norm(tokens)
 
 
 class ClipGarmentEncoder(GarmentEncoder):
@@ -98,9 +109,9 @@ class ClipGarmentEncoder(GarmentEncoder):
 
 def build_garment_encoder(kind: str, dim: int, grid: tuple[int, int], width: int = 64,
                           pretrained: str | None = None, clip_size: str = "tiny",
-                          freeze_backbone: bool = True) -> GarmentEncoder:
+                          freeze_backbone: bool = True, downsample: int = 2, mixer_layers: int = 0) -> GarmentEncoder:
     if kind == "conv":
-        return ConvTokenizer(grid, dim, width)
+        return ConvTokenizer(grid, dim, width, downsample, mixer_layers)
     if kind == "clip":
         return ClipGarmentEncoder(dim, pretrained, clip_size, freeze_backbone)
     raise ValueError(f"unknown model.garment.kind {kind!r}; expected 'conv' or 'clip'")

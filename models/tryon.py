@@ -19,13 +19,37 @@ from .garment import GarmentEncoder
 from .errors import ModelConfigError
 
 
+def mask_box_coordinates(mask: torch.Tensor) -> torch.Tensor:
+    """(B, 2, h, w): each cell's (y, x) relative to the bounding box of ``mask`` (B, 1, h, w),
+    mapped so the box's first cell centre to its last spans [-1, 1] (values continue linearly
+    outside the box); zeros for an empty mask.
+
+    With rows r0..r1 of the box, y = 2 (r - r0) / (r1 - r0) - 1 (1 cell: 0), and x alike. The
+    box of the inpainting mask is where the garment goes, so these are (approximately) the
+    garment's own coordinates, which the garment tokens' position embeddings also encode."""
+    m = mask[:, 0] > 0.5
+    out = []
+    for dim, size in ((2, m.shape[1]), (1, m.shape[2])):  # rows: any over columns, and vice versa
+        hit = m.any(dim=dim)  # (B, size)
+        idx = torch.arange(size, device=mask.device, dtype=mask.dtype)
+        first = torch.where(hit, idx, torch.full_like(idx, size)).amin(dim=1, keepdim=True)
+        last = torch.where(hit, idx, torch.full_like(idx, -1)).amax(dim=1, keepdim=True)
+        span = (last - first).clamp(min=1)
+        coord = torch.where(hit.any(dim=1, keepdim=True), 2 * (idx - first) / span - 1, torch.zeros_like(idx))
+        out.append(coord)
+    y, x = out
+    return torch.stack([y[:, :, None].expand(-1, -1, m.shape[2]), x[:, None, :].expand(-1, m.shape[1], -1)], dim=1)
+
+
 class TryOnModel(nn.Module):
-    def __init__(self, codec: LatentCodec, unet: nn.Module, garment_encoder: GarmentEncoder, use_pose: bool = False) -> None:
+    def __init__(self, codec: LatentCodec, unet: nn.Module, garment_encoder: GarmentEncoder, use_pose: bool = False,
+                 mask_coords: bool = False) -> None:
         super().__init__()
         self.codec = codec.requires_grad_(False)
         self.unet = unet
         self.garment_encoder = garment_encoder
         self.use_pose = use_pose
+        self.mask_coords = mask_coords
         # Classifier-free guidance: dropped garments are replaced by learned null tokens
         # (Paint-by-Example learns a null vector the same way).
         self.null_tokens = nn.Parameter(torch.zeros(1, garment_encoder.num_tokens, garment_encoder.dim))
@@ -46,12 +70,16 @@ class TryOnModel(nn.Module):
     # -- inputs --------------------------------------------------------------------------
     @torch.no_grad()
     def condition(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The spatial condition on the latent grid: agnostic latent, mask[, pose latent]."""
-        parts = [self.codec.encode(batch["agnostic"]), self.codec.latent_mask(batch["mask"])]
+        """The spatial condition on the latent grid: agnostic latent, mask[, pose latent][, mask-box
+        coordinates]."""
+        mask = self.codec.latent_mask(batch["mask"])
+        parts = [self.codec.encode(batch["agnostic"]), mask]
         if self.use_pose:
             if "pose" not in batch:
                 raise KeyError("model.unet.use_pose=true but the dataset gives no 'pose' image")
             parts.append(self.codec.encode(batch["pose"]))
+        if self.mask_coords:
+            parts.append(mask_box_coordinates(mask))
         return torch.cat(parts, dim=1)
 
     def garment_tokens(self, garment: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,6 +7,8 @@ from diffusers import UNet2DConditionModel
 from configs import load_config
 from models import ModelConfigError, PixelCodec, build_codec, build_model, build_unet, widen_conv_in
 from models.build import load_trained_model
+from models.garment import ConvTokenizer
+from models.tryon import mask_box_coordinates
 from models.registry import unet_size
 
 
@@ -69,6 +71,44 @@ def test_pose_adds_latent_channels():
     assert model.condition(batch).shape[1] == 2 * c + 1
     with pytest.raises(KeyError, match="pose"):
         model.condition({"agnostic": batch["agnostic"], "mask": batch["mask"]})
+
+
+def test_mask_box_coordinates_by_hand():
+    # A 2x3 box at rows 1..2, columns 0..2 of a 4x3 grid: y = 2 (r - 1) / 1 - 1, x = 2 c / 2 - 1.
+    mask = torch.zeros(2, 1, 4, 3)
+    mask[0, 0, 1:3, :] = 1
+    mask[0, 0, 2, 1] = 0  # a hole inside does not change the box
+    coords = mask_box_coordinates(mask)
+    want_y = torch.tensor([-3.0, -1.0, 1.0, 3.0]).view(4, 1).expand(4, 3)
+    want_x = torch.tensor([-1.0, 0.0, 1.0]).view(1, 3).expand(4, 3)
+    assert torch.equal(coords[0, 0], want_y) and torch.equal(coords[0, 1], want_x)
+    assert torch.equal(coords[1], torch.zeros(2, 4, 3))  # empty mask: zeros
+
+
+def test_mask_coords_add_two_input_channels():
+    cfg = load_config(overrides=["model.unet.size=test", "model.unet.mask_coords=true"])
+    model = build_model(cfg.model)
+    c = model.latent_channels
+    assert model.unet.config.in_channels == 2 * c + 1 + 2
+    mask = torch.zeros(1, 1, 32, 24)
+    mask[..., 8:24, 4:20] = 1  # latent rows 4..11, columns 2..9
+    cond = model.condition({"agnostic": torch.zeros(1, 3, 32, 24), "mask": mask})
+    assert cond.shape == (1, c + 3, 16, 12)
+    y, x = cond[0, -2], cond[0, -1]
+    assert y[4, 0] == -1 and y[11, 0] == 1 and x[0, 2] == -1 and x[0, 9] == 1
+
+
+def test_garment_mixer_gives_tokens_a_global_view():
+    """Without the mixer a token depends only on its receptive field; with it, on the whole garment."""
+    torch.manual_seed(0)
+    for layers, global_view in ((0, False), (1, True)):
+        enc = ConvTokenizer((8, 6), dim=32, width=16, mixer_layers=layers).eval()
+        g = torch.zeros(1, 3, 32, 24)
+        g2 = g.clone()
+        g2[..., 28:, 18:] = 1.0  # change the bottom-right corner only
+        with torch.no_grad():
+            moved = (enc(g2) - enc(g)).abs()[0, 0].max()  # the top-left token
+        assert (moved > 1e-4) == global_view, (layers, float(moved))
 
 
 def test_dropped_garments_get_null_tokens(tiny_model):
