@@ -25,11 +25,11 @@ Two peers' recipes, each on its own layers (`RECIPES`; the pure functions are in
   summed over the layers as their code does.
 
 The first three have a degenerate minimum (every patch on one shared garment
-cell); the anchored two do not (nor does the flow loss; DCML opposes it). The statistics come from the monitor's last
-forward pass (`last_attention()`): the centres, dispersion and anchored colours
-the layer's own attention call computed when the monitor runs with
-`moments=True` (the colour anchors set by `losses.objective.TryOnObjective`),
-else one fused call on the kept q/k. The loss never reaches into the model.
+cell); the anchored two and the flow loss do not (DCML opposes it). The
+statistics come from the monitor's last forward pass (`last_attention()`): the
+centres, dispersion and anchored colours the layer's own attention call computed
+when the monitor runs with `moments=True` (the colour anchors set by
+`losses.objective.TryOnObjective`), else one fused call on the kept q/k. The loss never reaches into the model.
 Per-layer dispersion, colour variance and centre error are always in the
 metrics, also with every weight at 0, so a user can watch before regularising.
 """
@@ -44,11 +44,12 @@ import torch
 from configs.schema import StabilityConfig
 
 from i2am.names import short_name
-from .authors import authors_layers, authors_loss, grid_probabilities
-from .flow import flow_loss, keep_samples
 from i2am.dispersion import (anchored_variance, atv, attention_anchored, attention_anchored_explicit,
                              attention_moments, attention_moments_explicit, centre_error, concentration, masked_mean,
                              pool_to_grid, position_variance, query_mask)
+
+from .authors import authors_layers, authors_loss, grid_probabilities
+from .flow import flow_loss, keep_samples
 
 Metrics = dict[str, torch.Tensor]
 _LEVEL = re.compile(r"^(\d+)x(\d+)$")
@@ -117,7 +118,9 @@ class StabilityLoss:
     `t_max`: apply only to samples with t < t_max (Leffa applies its loss at
     low noise only); `warmup_steps`: weights are 0 before this optimizer step.
     `targets` (`AttentionTargets`) feed the anchored terms and readings; without
-    them only the dispersion family is computed.
+    them only the dispersion family is computed. The peers' recipes (`RECIPES`:
+    `flow`; `cwg`, `tv`, `dcml`) choose their own layers (`flow_layers`,
+    `authors_layers`) and need `targets`.
     """
 
     def __init__(self, cfg: StabilityConfig, monitored: list[str] | None = None, explicit: bool = False) -> None:
@@ -184,10 +187,8 @@ class StabilityLoss:
                 disp = masked_mean(var if want_grad else var.detach(), qmask)
             short = short_name(name)
             readings["dispersion"][name] = metrics[f"i2am/dispersion/{short}"] = disp.detach()
-            # Terms that need the batch besides this layer's statistics read it from `targets` in
-            # `_anchored`: that is also where Leffa's flow loss (mu, grid, targets.garment,
-            # targets.person, targets.worn, targets.keep) and the authors' CWG/TV/DCML (probabilities
-            # from s.query/s.key, the worn queries, targets.keep) plug in.
+            # Terms that need the batch besides this layer's statistics read it from `targets`: the
+            # anchored ones in `_anchored`, the peers' recipes in `_flow` and `_authors`.
             anchored_terms = self._anchored(name, s, mu, var, targets, window, regularised, readings, metrics)
             if mine:
                 keep = keep_samples(b, timesteps=timesteps, t_max=self.t_max,
