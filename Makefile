@@ -45,7 +45,9 @@ bench: $(STAMP)
 	$(PY) bench/monitor.py
 	$(PY) bench/step.py
 
-# The stability-loss experiment: baseline vs three refined arms, same seed and steps -> a markdown table.
+# The stability-loss experiment: baseline vs four regularised arms (the variance, the I²AM authors' recipe,
+# the anchored terms, Leffa's flow loss), each on seeds 0, 1, 2, same data and steps -> a markdown table.
 experiment: $(STAMP)
 	$(PY) -m apps.experiment configs/experiments/baseline.yaml configs/experiments/refined.yaml \
-		configs/experiments/finetune.yaml configs/experiments/concentration.yaml $(ARGS)
+		configs/experiments/authors.yaml configs/experiments/anchored.yaml configs/experiments/flow.yaml \
+		--seeds 0,1,2 $(ARGS)

@@ -134,6 +134,25 @@ CHOICES: dict[str, Iterable[str]] = {
 DATA_WITH_GARMENT_POS: tuple[str, ...] = ("synthetic",)
 
 
+# The I²AM authors' CWG + TV + DCML act on their decoder layer at these (h, w) queries (losses/authors.py LEVEL).
+AUTHORS_LEVEL: tuple[int, int] = (16, 12)
+
+
+def _query_grids(cfg: Config) -> list[tuple[int, int]]:
+    """Every query grid a UNet can have at this resolution: the latent grid and its halvings (each
+    down-sampling rounds up). The latent is the image divided by the pixel codec's factor; a VAE
+    divides by a power of two, which the halvings of the image cover. Necessary, not sufficient:
+    how deep the UNet goes is the model's business."""
+    h, w = cfg.data.resolution
+    if cfg.model.codec.kind == "pixel":
+        h, w = -(-h // cfg.model.codec.pixel_factor), -(-w // cfg.model.codec.pixel_factor)
+    grids = [(h, w)]
+    while h > 1 or w > 1:
+        h, w = -(-h // 2), -(-w // 2)
+        grids.append((h, w))
+    return grids
+
+
 def validate(cfg: Config) -> None:
     """Checks the schema cannot express: choices, ranges, shapes."""
     node = OmegaConf.structured(cfg)
@@ -162,7 +181,8 @@ def validate(cfg: Config) -> None:
             f"data.resolution {list(cfg.data.resolution)} is not divisible by model.codec.pixel_factor={factor}"
         )
     st = cfg.stability
-    weights = {k: getattr(st, k) for k in ("dispersion", "atv", "concentration", "colour", "position")}
+    weights = {k: getattr(st, k) for k in ("dispersion", "atv", "concentration", "colour", "position",
+                                                    "flow", "cwg", "tv", "dcml")}
     negative = [f"stability.{k}={v}" for k, v in weights.items() if v < 0]
     if negative:
         raise ConfigError(f"{', '.join(negative)}: stability weights must be >= 0")
@@ -173,6 +193,16 @@ def validate(cfg: Config) -> None:
             f"stability.position={st.position} needs each worn pixel's true garment position (sample key "
             f"'garment_pos'), which data.name={cfg.data.name!r} does not give (only {list(DATA_WITH_GARMENT_POS)} "
             f"does); set stability.position=0, or use stability.colour, which every data set supports")
+    authors = [f"stability.{k}={getattr(st, k)}" for k in ("cwg", "tv", "dcml") if getattr(st, k)]
+    if authors and st.authors_layers is None:
+        grids = _query_grids(cfg)
+        if tuple(AUTHORS_LEVEL) not in grids:
+            raise ConfigError(
+                f"{', '.join(authors)}: the authors' terms act on their decoder layer at "
+                f"{AUTHORS_LEVEL[0]}x{AUTHORS_LEVEL[1]} queries, which data.resolution={list(cfg.data.resolution)} "
+                f"cannot have (its query grids: {[f'{h}x{w}' for h, w in grids]}); set stability.authors_layers "
+                f"to layer names or a level that exists, or use a resolution with a 16x12 level (the default "
+                f"[32, 24] with the pixel codec, or [512, 384] with a VAE)")
     if cfg.data.name != "synthetic" and not cfg.data.root:
         raise ConfigError(f"data.name={cfg.data.name!r} needs data.root=<dataset directory>")
     if cfg.data.use_pose and cfg.data.name == "synthetic":

@@ -159,6 +159,16 @@ class StabilityConfig:
     # position-anchored attention variance E_A||p - p*||^2 (needs sample["garment_pos"]: the synthetic set)
     position: float = 0.0
     layers: Optional[List[str]] = None  # names or resolution levels like "16x12"; None = all monitored
+    # The peers' recipes (docs/stability.md), each on its own layers; `t_max` and `warmup_steps` gate them too.
+    # Leffa's flow loss: the garment warped by the attention centres vs the person (Leffa: 1e-3, t_max=500)
+    flow: float = 0.0
+    flow_layers: Optional[List[str]] = None  # names or levels; None = Leffa's: layers at >= 1/32 of the image size
+    # The I²AM authors' CWG + TV + DCML (their weights: 2.0, 1e-4, 0.01). CWG and DCML are rewards: the
+    # loss subtracts them, so the weights stay >= 0 and the loss is -cwg*CWG + tv*TV - dcml*DCML.
+    cwg: float = 0.0
+    tv: float = 0.0
+    dcml: float = 0.0
+    authors_layers: Optional[List[str]] = None  # names or levels; None = the authors': decoder layers at 16x12
     t_max: Optional[int] = None  # apply only for timesteps t < t_max
     warmup_steps: int = 0  # no stability loss before this step
 

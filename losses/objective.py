@@ -11,7 +11,8 @@ One call per micro-batch does, in this order:
 5. the diffusion loss of the prediction, plus the stability terms read from the
    monitor's statistics of that forward (`last_attention()`) against the batch's
    targets (ground-truth colours, worn-garment mask, garment positions), with
-   the same t and without the guidance-dropped samples in the anchored terms.
+   the same t and without the guidance-dropped samples in the anchored terms
+   and the peers' recipes (Leffa's flow loss, the I²AM authors' CWG + TV + DCML).
 
 It returns `(loss, metrics)`. Nothing travels back through closures, and the
 monitor only measures: the loss lives here and in `losses/stability.py`.

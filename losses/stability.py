@@ -13,12 +13,23 @@ patches) and fixed it with a loss that stabilises attention. Terms:
 - `position`: position-anchored variance E_A||p - p*_i||^2 = Var_i + ||mu_i - p*_i||^2
   around the true garment position p*_i (data with `garment_pos`: the synthetic set).
 
+Two peers' recipes, each on its own layers (`RECIPES`; the pure functions are in
+`losses.flow` and `losses.authors`):
+
+- `flow`: Leffa's flow loss, the garment warped by the head-mean attention centres
+  against the ground-truth person over the worn pixels; mean over `flow_layers`
+  (default: every layer at >= 1/32 of the image size, Leffa's);
+- `cwg`, `tv`, `dcml`: the I²AM authors' CWG + TV + DCML on `authors_layers`
+  (default: the decoder layers at 16x12 queries, theirs), from explicit
+  probabilities; CWG and DCML are rewards, so the loss is -cwg*CWG + tv*TV - dcml*DCML,
+  summed over the layers as their code does.
+
 The first three have a degenerate minimum (every patch on one shared garment
-cell); the anchored two do not. The statistics come from the monitor's last
-forward pass (`last_attention()`): the centres, dispersion and anchored colours
-the layer's own attention call computed when the monitor runs with
-`moments=True` (the colour anchors set by `losses.objective.TryOnObjective`),
-else one fused call on the kept q/k. The loss never reaches into the model.
+cell); the anchored two and the flow loss do not (DCML opposes it). The
+statistics come from the monitor's last forward pass (`last_attention()`): the
+centres, dispersion and anchored colours the layer's own attention call computed
+when the monitor runs with `moments=True` (the colour anchors set by
+`losses.objective.TryOnObjective`), else one fused call on the kept q/k. The loss never reaches into the model.
 Per-layer dispersion, colour variance and centre error are always in the
 metrics, also with every weight at 0, so a user can watch before regularising.
 """
@@ -37,10 +48,30 @@ from i2am.dispersion import (anchored_variance, atv, attention_anchored, attenti
                              attention_moments, attention_moments_explicit, centre_error, concentration, masked_mean,
                              pool_to_grid, position_variance, query_mask)
 
+from .authors import authors_layers, authors_loss, grid_probabilities
+from .flow import flow_loss, keep_samples
+
 Metrics = dict[str, torch.Tensor]
 _LEVEL = re.compile(r"^(\d+)x(\d+)$")
 # A query is on the worn garment when at least this share of its cell's pixels is (convention).
 WORN_COVERAGE = 0.5
+# Leffa's flow loss acts on the layers whose query grid is at least 1/32 of the image size.
+FLOW_MIN_FRACTION = 32
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A peer's recipe: its weight keys in `StabilityConfig`, the key of its own layer selection, and
+    how its per-layer weighted values combine over those layers ("mean" or "sum")."""
+
+    name: str
+    terms: tuple[str, ...]
+    layers_key: str
+    combine: str
+
+
+RECIPES = (Recipe("flow", ("flow",), "flow_layers", "mean"),          # Leffa
+           Recipe("authors", ("cwg", "tv", "dcml"), "authors_layers", "sum"))  # the I²AM authors' code adds layers
 
 
 @dataclass
@@ -87,24 +118,22 @@ class StabilityLoss:
     `t_max`: apply only to samples with t < t_max (Leffa applies its loss at
     low noise only); `warmup_steps`: weights are 0 before this optimizer step.
     `targets` (`AttentionTargets`) feed the anchored terms and readings; without
-    them only the dispersion family is computed.
+    them only the dispersion family is computed. The peers' recipes (`RECIPES`:
+    `flow`; `cwg`, `tv`, `dcml`) choose their own layers (`flow_layers`,
+    `authors_layers`) and need `targets`.
     """
 
     def __init__(self, cfg: StabilityConfig, monitored: list[str] | None = None, explicit: bool = False) -> None:
         self.terms, self.t_max, self.warmup_steps = cfg, cfg.t_max, cfg.warmup_steps
-        layers = cfg.layers
         # explicit=True builds the probability matrix (and keeps it for backward), as peers do:
         # the naive baseline of bench/step.py.
         self.explicit = explicit
-        self.selectors = list(layers) if layers else None
-        if self.selectors and monitored is not None:
-            names = [s for s in self.selectors if not _LEVEL.match(s)]
-            unknown = [s for s in names if _strip(s) not in {_strip(m) for m in monitored}]
-            if unknown:
-                raise ValueError(
-                    f"stability.layers names {unknown}, which are not monitored reference cross-attention layers "
-                    f"(self-attention 'attn1' layers and unknown names are refused); choose from {monitored} "
-                    f"or resolution levels like '16x12'")
+        self.selectors = list(cfg.layers) if cfg.layers else None
+        # The recipes switched on (a weight > 0), with their layer selectors (None: the recipe's default).
+        self.recipes = {r: (list(getattr(cfg, r.layers_key)) if getattr(cfg, r.layers_key) else None)
+                        for r in RECIPES if any(getattr(cfg, t) for t in r.terms)}
+        for key, selectors in [("layers", self.selectors)] + [(r.layers_key, sel) for r, sel in self.recipes.items()]:
+            _check_names(f"stability.{key}", selectors, monitored)
 
     @property
     def active(self) -> bool:
@@ -112,18 +141,24 @@ class StabilityLoss:
         return bool(t.dispersion or t.atv or t.concentration or t.colour or t.position)
 
     def _selected(self, stats: Mapping) -> list[str]:
-        if self.selectors is None:
-            return list(stats)
-        chosen = []
-        for name, s in stats.items():
-            for sel in self.selectors:
-                m = _LEVEL.match(sel)
-                if (m and tuple(s.grid) == (int(m.group(1)), int(m.group(2)))) or _strip(sel) == _strip(name):
-                    chosen.append(name)
-                    break
-        if not chosen:
-            grids = sorted({f"{s.grid[0]}x{s.grid[1]}" for s in stats.values()})
-            raise ValueError(f"stability.layers {self.selectors} matched no layer; resolution levels seen: {grids}")
+        return list(stats) if self.selectors is None else _match(stats, self.selectors, "stability.layers")
+
+    def _recipe_layers(self, stats: Mapping, targets: AttentionTargets | None) -> dict[Recipe, list[str]]:
+        """The layers of each recipe switched on: its own selection, else the recipe's default."""
+        chosen = {}
+        for recipe, selectors in self.recipes.items():
+            if targets is None or (recipe.name == "flow" and targets.garment is None):
+                raise ValueError(f"stability: the {recipe.name} terms ({', '.join(recipe.terms)}) need the batch's "
+                                 f"person, worn mask{' and garment' if recipe.name == 'flow' else ''} "
+                                 f"(AttentionTargets); this call has none")
+            if selectors is not None:
+                chosen[recipe] = _match(stats, selectors, f"stability.{recipe.layers_key}")
+            elif recipe.name == "authors":
+                chosen[recipe] = authors_layers({n: tuple(s.grid) for n, s in stats.items()})
+            else:  # Leffa: the layers at 1/32 of the image resolution and finer
+                size = targets.person.shape[-2:]
+                chosen[recipe] = [n for n, s in stats.items()
+                                  if all(g * FLOW_MIN_FRACTION >= d for g, d in zip(s.grid, size))]
         return chosen
 
     def __call__(self, last: Mapping, latent_mask: torch.Tensor | None, timesteps: torch.Tensor | None = None,
@@ -132,6 +167,8 @@ class StabilityLoss:
         total = None
         selected = set(self._selected(last))
         warm = step >= self.warmup_steps
+        recipes = self._recipe_layers(last, targets) if warm and self.recipes else {}
+        recipe_sums: dict[Recipe, torch.Tensor] = {}
         if self.terms.position and targets is not None and targets.garment_pos is None:
             raise ValueError("stability.position > 0 needs each worn pixel's true garment position (sample key "
                              "'garment_pos', which only the synthetic set gives); this batch has none")
@@ -142,18 +179,24 @@ class StabilityLoss:
             qmask = query_mask(latent_mask, s.grid, b)
             if window is not None:
                 qmask = window.expand(b, s.grid[0] * s.grid[1]) if qmask is None else qmask & window
-            want_grad = name in selected and warm and self.active
+            regularised = name in selected and warm and self.active
+            mine = [r for r, names in recipes.items() if name in names]  # the recipes acting on this layer
+            want_grad = regularised or any(r.name == "flow" for r in mine)  # flow reads mu; authors read q/k
             with torch.set_grad_enabled(want_grad and torch.is_grad_enabled()):
                 mu, var = self._moments(s)
                 disp = masked_mean(var if want_grad else var.detach(), qmask)
             short = short_name(name)
             readings["dispersion"][name] = metrics[f"i2am/dispersion/{short}"] = disp.detach()
-            # Terms that need the batch besides this layer's statistics read it from `targets` in
-            # `_anchored`: that is also where Leffa's flow loss (mu, grid, targets.garment,
-            # targets.person, targets.worn, targets.keep) and the authors' CWG/TV/DCML (probabilities
-            # from s.query/s.key, the worn queries, targets.keep) plug in.
-            anchored_terms = self._anchored(name, s, mu, var, targets, window, want_grad, readings, metrics)
-            if not want_grad:
+            # Terms that need the batch besides this layer's statistics read it from `targets`: the
+            # anchored ones in `_anchored`, the peers' recipes in `_flow` and `_authors`.
+            anchored_terms = self._anchored(name, s, mu, var, targets, window, regularised, readings, metrics)
+            if mine:
+                keep = keep_samples(b, timesteps=timesteps, t_max=self.t_max,
+                                    dropped=None if targets.keep is None else ~targets.keep)
+                for recipe in mine:
+                    value = getattr(self, f"_{recipe.name}")(name, s, mu, targets, keep, metrics)
+                    recipe_sums[recipe] = value if recipe not in recipe_sums else recipe_sums[recipe] + value
+            if not regularised:
                 continue
             term = self.terms.dispersion * disp + anchored_terms
             if self.terms.atv:
@@ -166,6 +209,11 @@ class StabilityLoss:
                 metrics[f"loss/concentration/{short}"] = (1 - conc).detach()
                 term = term + self.terms.concentration * (1 - conc)
             total = term if total is None else total + term
+        if total is not None:
+            total = total / len(selected)
+        for recipe, value in recipe_sums.items():
+            value = value / len(recipes[recipe]) if recipe.combine == "mean" else value
+            total = value if total is None else total + value
         _check_finite(readings)
         for what, values in readings.items():
             if values:
@@ -173,8 +221,6 @@ class StabilityLoss:
         if total is None:
             device = next(iter(last.values())).query.device if last else "cpu"
             total = torch.zeros((), device=device)
-        else:
-            total = total / len(selected)
         metrics["loss/stability"] = total.detach()
         return total, metrics
 
@@ -208,6 +254,28 @@ class StabilityLoss:
                 metrics[f"loss/position/{short}"] = pvar.detach()
                 term = term + self.terms.position * pvar
         return term
+
+    def _flow(self, name: str, s, mu: torch.Tensor, targets: AttentionTargets, keep: torch.Tensor | None,
+              metrics: Metrics) -> torch.Tensor:
+        """Leffa's flow loss of one layer, weighted; logs the unweighted value as loss/flow/<layer>."""
+        value, _ = flow_loss(mu, s.grid, targets.garment, targets.person, targets.worn, keep)
+        metrics[f"loss/flow/{short_name(name)}"] = value.detach()
+        return self.terms.flow * value
+
+    def _authors(self, name: str, s, mu: torch.Tensor, targets: AttentionTargets, keep: torch.Tensor | None,
+                 metrics: Metrics) -> torch.Tensor:
+        """The authors' -cwg*CWG + tv*TV - dcml*DCML of one layer over its worn queries, from explicit
+        probabilities (one layer: affordable); logs the unweighted terms as loss/{cwg,tv,dcml}/<layer>."""
+        probs = grid_probabilities(s.query, s.key, s.scale, s.extra_tokens)
+        worn = targets.on_grid(s.grid)[0]
+        t = self.terms
+        value, parts = authors_loss(probs, tuple(s.grid), tuple(s.reference_grid), worn, keep,
+                                    cwg_weight=-t.cwg, tv_weight=t.tv, dcml_weight=-t.dcml)
+        short = short_name(name)
+        for term in ("cwg", "tv", "dcml"):
+            if getattr(t, term):
+                metrics[f"loss/{term}/{short}"] = parts[f"loss/{term}"]
+        return value
 
     def _moments(self, s) -> tuple[torch.Tensor, torch.Tensor]:
         if self.explicit:  # builds the probability matrix and keeps it for backward, as peers do
@@ -261,3 +329,31 @@ def _check_finite(readings: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
 
 def _strip(name: str) -> str:
     return name.removesuffix(".processor")
+
+
+def _check_names(key: str, selectors: list[str] | None, monitored: list[str] | None) -> None:
+    """Refuse layer names (not levels) that are not monitored cross-attention layers."""
+    if not selectors or monitored is None:
+        return
+    names = [s for s in selectors if not _LEVEL.match(s)]
+    unknown = [s for s in names if _strip(s) not in {_strip(m) for m in monitored}]
+    if unknown:
+        raise ValueError(
+            f"{key} names {unknown}, which are not monitored reference cross-attention layers "
+            f"(self-attention 'attn1' layers and unknown names are refused); choose from {monitored} "
+            f"or resolution levels like '16x12'")
+
+
+def _match(stats: Mapping, selectors: list[str], key: str) -> list[str]:
+    """The layers of `stats` named by `selectors` (processor names or levels like "16x12")."""
+    chosen = []
+    for name, s in stats.items():
+        for sel in selectors:
+            m = _LEVEL.match(sel)
+            if (m and tuple(s.grid) == (int(m.group(1)), int(m.group(2)))) or _strip(sel) == _strip(name):
+                chosen.append(name)
+                break
+    if not chosen:
+        grids = sorted({f"{s.grid[0]}x{s.grid[1]}" for s in stats.values()})
+        raise ValueError(f"{key} {selectors} matched no layer; resolution levels seen: {grids}")
+    return chosen
