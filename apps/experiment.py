@@ -8,6 +8,12 @@ seeds), the two fill baselines beside them, and figures of maps and samples.
 Overrides apply to every arm (e.g. `train.max_steps=300` for a quicker look;
 `train.resume=latest` re-evaluates arms already trained). A seed sets `train.seed` (weights,
 noise, timesteps, dropout); the data (`data.seed`) is the same for every arm and seed.
+
+Each finished run leaves its held-out scores in `<run>/heldout.json`, keyed by its resolved
+config; a later invocation with the same config reuses them instead of training again (the
+first seed of each arm is still re-evaluated from its checkpoint, for the figures). So runs
+can be split over processes (`--seeds 0` in one, `--seeds 1,2` in another, the same `--out`)
+and one final invocation with every arm and seed writes the table.
 """
 from __future__ import annotations
 
@@ -187,6 +193,26 @@ def samples_figure(arms: Mapping[str, tuple], samples: int = 8) -> np.ndarray:
     return sample_grid(columns)
 
 
+def _config_key(cfg) -> str:
+    """What a cached result must match: the resolved config, whatever `train.resume` says."""
+    import dataclasses
+    import hashlib
+
+    plain = dataclasses.asdict(cfg)
+    plain["train"]["resume"] = None
+    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cached(run_dir: Path, key: str, eval_samples: int) -> dict[str, float] | None:
+    path = run_dir / "heldout.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("config") != key or saved.get("eval_samples") != eval_samples:
+        return None
+    return saved["result"]
+
+
 def _seeds(text: str) -> list[int]:
     try:
         seeds = [int(v) for v in text.split(",") if v.strip()]
@@ -220,11 +246,22 @@ def main(argv: list[str] | None = None) -> int:
         arm = Path(file).stem
         per_seed: dict[int, dict[str, float]] = {}
         for seed in args.seeds:
-            cfg = load_config(files=[file], overrides=[f"train.output_dir={out / arm / f'seed{seed}'}",
-                                                       f"train.seed={seed}", *overrides])
+            run_dir = out / arm / f"seed{seed}"
+            cfg = load_config(files=[file], overrides=[f"train.output_dir={run_dir}", f"train.seed={seed}", *overrides])
+            key = _config_key(cfg)
+            cached = _cached(run_dir, key, args.eval_samples)
+            if cached is not None and seed != args.seeds[0]:
+                per_seed[seed] = cached
+                print(f"{arm} seed {seed}: reusing {run_dir / 'heldout.json'}")
+                continue
+            if cached is not None:
+                cfg.train.resume = "latest"  # trained already: only re-evaluate, for the figures
             trainer = Trainer(cfg)
             trainer.fit()
-            per_seed[seed], first = evaluate_arm(trainer, args.eval_samples)
+            result, first = evaluate_arm(trainer, args.eval_samples)
+            per_seed[seed] = cached or result  # the cached minutes are the training run's own
+            (run_dir / "heldout.json").write_text(json.dumps(
+                {"config": key, "eval_samples": args.eval_samples, "result": per_seed[seed]}, indent=2))
             if not baselines:
                 baselines = fill_baselines(trainer, args.eval_samples)
             if seed == args.seeds[0]:

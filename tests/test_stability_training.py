@@ -73,6 +73,7 @@ def test_experiment_runner_writes_one_table_for_both_arms(tmp_path):
     assert "| baseline (2 seeds) |" in table and "| refined (2 seeds) |" in table and "±" in table
     assert "| fill: garment-blind |" in table and "| fill: garment's mean colour |" in table
     results = json.loads((tmp_path / "exp" / "results.json").read_text())
+    per_seed_baseline = results["arms"]["baseline"]["seeds"]["0"]
     for arm in ("baseline", "refined"):
         per_seed = results["arms"][arm]["seeds"]
         assert sorted(per_seed) == ["0", "1"] and all(r["steps"] == 2 for r in per_seed.values())
@@ -84,3 +85,16 @@ def test_experiment_runner_writes_one_table_for_both_arms(tmp_path):
             assert (tmp_path / "exp" / arm / f"seed{seed}" / "checkpoints").is_dir()
     for name in ("maps.png", "samples.png"):
         assert (tmp_path / "exp" / name).stat().st_size > 0
+
+    # A second invocation with the same config reuses each finished run's heldout.json: the seed-1
+    # runs are not trained again (their checkpoints stay untouched), and the table is the same.
+    ckpt = tmp_path / "exp" / "baseline" / "seed1" / "checkpoints"
+    before = {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()}
+    (tmp_path / "exp" / "baseline" / "seed1" / "heldout.json").write_text(json.dumps({
+        **json.loads((tmp_path / "exp" / "baseline" / "seed1" / "heldout.json").read_text()),
+        "result": {**results["arms"]["baseline"]["seeds"]["1"], "colour_error": 0.5}}))  # marks the cache
+    assert main(["configs/experiments/baseline.yaml", "--out", str(tmp_path / "exp"), "--eval-samples", "4",
+                 "--seeds", "0,1", *overrides]) == 0
+    again = json.loads((tmp_path / "exp" / "results.json").read_text())["arms"]["baseline"]["seeds"]
+    assert again["1"]["colour_error"] == 0.5 and {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()} == before
+    assert again["0"] == per_seed_baseline
