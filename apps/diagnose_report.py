@@ -97,11 +97,10 @@ def heatmap_figure(diag: Diagnosis) -> np.ndarray:
     ax = fig.add_subplot(1, 1, 1)
     finite = m[np.isfinite(m)]
     span = float(np.abs(finite).max()) if finite.size else 1.0
-    cmap = matplotlib.colormaps["RdBu_r"].copy()
-    cmap.set_bad("#dddddd")
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#dddddd")  # grey: not intervened
     im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=-span or -1, vmax=span or 1, aspect="auto")
     for (i, j), v in np.ndenumerate(m):
-        ax.text(j, i, "–" if np.isnan(v) else f"{v:.3f}", ha="center", va="center", fontsize=7)
+        ax.text(j, i, "–" if np.isnan(v) else f"{v:.4f}", ha="center", va="center", fontsize=7)
     grids = {e["layer"]: e["grid"] for e in diag.ranking}
     ax.set_yticks(range(len(diag.layers)), [f"{short_name(n)} ({grids[n]})" for n in diag.layers], fontsize=8)
     ax.set_xticks(range(m.shape[1]), ["all"] + [f"g{g['index']}\nt {g['timesteps'][0]}–{g['timesteps'][1]}"
