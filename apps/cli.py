@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: python -m i2am diagnose runs/default --samples 32 --out diagnosis/")
     d.add_argument("source", help="a run directory (latest checkpoint) or a checkpoint directory")
     d.add_argument("--samples", type=int, default=32, help="held-out test samples (one seed each)")
-    d.add_argument("--out", help="output folder (default: <checkpoint>/diagnosis)")
+    d.add_argument("--out", help="output folder (default: <run>/diagnosis/<checkpoint name>)")
     d.add_argument("--steps", type=int, help="sampling steps (default: the config's diffusion.sample_steps)")
     d.add_argument("--time-groups", type=int, default=5, help="groups of consecutive steps (0 = noisiest)")
     d.add_argument("--top-layers", type=int, default=2,

@@ -187,7 +187,7 @@ def diagnose(run: str | Path, samples: int = 32, out: str | Path | None = None, 
              overrides: Sequence[str] = (), progress: bool = True, loaded: Any = None,
              write: bool = True) -> Diagnosis:
     """Diagnose a run or checkpoint (see the module docstring); writes the outputs to ``out``
-    (default ``<checkpoint>/diagnosis``) unless ``write=False``. ``loaded`` (a
+    (default ``<run>/diagnosis/<checkpoint name>``) unless ``write=False``. ``loaded`` (a
     ``train.checkpoint.LoadedCheckpoint``) skips loading, e.g. to diagnose a modified model."""
     from tqdm.auto import tqdm
 
@@ -356,7 +356,10 @@ def diagnose(run: str | Path, samples: int = 32, out: str | Path | None = None, 
     if write:
         from .diagnose_report import write_outputs
 
-        target_dir = Path(out) if out is not None else Path(ckpt.path) / "diagnosis"
+        # Default beside the checkpoints, not inside one: training prunes old checkpoint directories.
+        ck_dir = Path(ckpt.path)
+        run_dir = ck_dir.parent.parent if ck_dir.parent.name == "checkpoints" else ck_dir
+        target_dir = Path(out) if out is not None else run_dir / "diagnosis" / ck_dir.name
         diag.settings["out"] = str(target_dir)
         write_outputs(diag, target_dir, per_layer, cfg)
         diag.seconds = time.perf_counter() - start

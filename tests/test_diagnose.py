@@ -380,3 +380,16 @@ def test_wandb_table_under_tracker_wandb_and_a_message_otherwise(run_dir, tmp_pa
     c, printed = clean
     assert "W&B: not logged (the run's tracker.kind is 'none'" in printed
     assert not (Path(c.settings["out"]) / "wandb").exists()
+
+
+def test_experiment_runner_diagnoses_each_run_when_asked(tmp_path):
+    from apps.experiment import main
+
+    overrides = [o for o in tiny_overrides(tmp_path, **{"train.max_steps": 2}) if not o.startswith("train.output_dir")]
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(["configs/experiments/baseline.yaml", "--out", str(tmp_path / "exp"), "--eval-samples", "4",
+                     "--diagnose", "3", *overrides])
+    assert code == 0
+    data = json.loads((tmp_path / "exp" / "baseline" / "seed0" / "diagnosis" / "diagnosis.json").read_text())
+    assert data["settings"]["samples"] == 3 and len(data["layers"]) == 7
+    assert data["settings"]["run"].startswith(str(tmp_path / "exp" / "baseline" / "seed0"))
