@@ -10,7 +10,9 @@ colours, and what to regularise.
    on the true garment position), elsewhere sharpened (lower softmax temperature). The blame is
    the mean fall of the colour error. Every layer is repaired over all steps first; then only
    the ``top_layers`` most blamed layers per time group (cost: 1 + L + top_layers × groups
-   sampling runs instead of 1 + L × (groups + 1)).
+   sampling runs instead of 1 + L × (groups + 1)). A run repaired from group g on resumes
+   from the recorded run's latents at g's first step (with DDIM's eta = 0 the steps before
+   are the same), which saves about 40 % of the group runs' steps with 5 groups.
 3. **Rank and recommend.** Entries sorted by blame, with the per-layer correlation of each
    statistic with the colour error over the samples beside it; the layers and ``t_max`` to give
    ``stability.colour``, as a config snippet and ``recommended.yaml``.
@@ -236,6 +238,8 @@ def diagnose(run: str | Path, samples: int = 32, out: str | Path | None = None, 
     # ---- 1. measure (one recorded sampling run)
     per_layer: dict[str, dict[str, np.ndarray]] = {}   # name -> stat -> (groups + 1, N): groups, then all steps
     errors: dict[str, list[float]] = {}
+    group_starts = {start for start, _ in bounds}
+    starts: dict[int, dict[int, torch.Tensor]] = {}
     monitor = AttentionMonitor(model.unet, model.reference_grid, model.extra_tokens, num_steps=steps,
                                time_groups=groups, moments=True, pair_layers=False)
     layers = list(monitor.layers)
@@ -248,8 +252,15 @@ def diagnose(run: str | Path, samples: int = 32, out: str | Path | None = None, 
                        if ground_truth else None)
             hook = _Readings(monitor, batch, model.codec.latent_mask(batch["mask"]), targets, steps, groups)
             handle = model.unet.register_forward_hook(hook)
+            # The latents entering each time group: a run repaired only from group g on is the same
+            # as this one before g, so it resumes there instead of sampling those steps again.
+            starts[s] = {}
+
+            def keep(k: int, latents: torch.Tensor, into: dict = starts[s]) -> None:
+                if k in group_starts:
+                    into[k] = latents.clone()
             try:
-                run_out = sampler(model, batch, seeds=seeds[s:s + b], monitor=monitor)
+                run_out = sampler(model, batch, seeds=seeds[s:s + b], monitor=monitor, on_step=keep)
             finally:
                 handle.remove()
                 monitor.set_anchors(None)
@@ -294,10 +305,13 @@ def diagnose(run: str | Path, samples: int = 32, out: str | Path | None = None, 
         out_err: dict[str, list[float]] = {}
         for s, batch in batches:
             target = AttentionTarget(batch["garment_pos"], batch["worn_mask"]) if chosen == "target" else None
-            steps_on = None if group is None else set(range(*bounds[group]))
-            with repaired(model.unet, name, steps=steps_on, temperature=temperature if chosen == "temperature" else 1.0,
+            # Repaired on the group's steps, resumed at its first one (calls count from there).
+            first, stop = (0, steps) if group is None else bounds[group]
+            resume = dict(latents=starts[s][first], start_step=first) if first else {}
+            with repaired(model.unet, name, steps=set(range(stop - first)),
+                          temperature=temperature if chosen == "temperature" else 1.0,
                           target=target, reference_grid=model.reference_grid, extra_tokens=model.extra_tokens):
-                images = sampler(model, batch, seeds=seeds[s:s + batch["garment"].shape[0]]).images
+                images = sampler(model, batch, seeds=seeds[s:s + batch["garment"].shape[0]], **resume).images
             for k, v in _errors(images, batch, True).items():
                 out_err.setdefault(k, []).extend(v.tolist())
         return {k: np.asarray(v) for k, v in out_err.items()}
@@ -345,7 +359,10 @@ def diagnose(run: str | Path, samples: int = 32, out: str | Path | None = None, 
                 "temperature": temperature if chosen == "temperature" else None, "split": "test",
                 "mode": "unpaired" if unpaired else "paired", "data": cfg.data.name, "device": str(device),
                 "tracker": cfg.tracker.kind, "ranked_by": key,
-                "sampling_runs": 1 + (len(layers) + len(group_entries) if ground_truth else 0)}
+                "sampling_runs": 1 + (len(layers) + len(group_entries) if ground_truth else 0),
+                # group runs resume at their group's first step (the steps before it are the baseline's)
+                "unet_calls": steps * (1 + (len(layers) if ground_truth else 0))
+                              + sum(steps - e["steps"][0] for e in group_entries)}
     diag = Diagnosis(ranking=ranking, layers=layers,
                      time_groups=[{"index": g, "steps": list(bounds[g]),
                                    "timesteps": [timesteps[bounds[g][0]], timesteps[bounds[g][1] - 1]]}
@@ -364,7 +381,8 @@ def diagnose(run: str | Path, samples: int = 32, out: str | Path | None = None, 
         write_outputs(diag, target_dir, per_layer, cfg)
         diag.seconds = time.perf_counter() - start
         print(f"diagnosis of {samples} samples took {diag.seconds:.1f} s ({diag.settings['sampling_runs']} sampling "
-              f"runs of {steps} steps on {device}, {torch.get_num_threads()} CPU threads)")
+              f"runs of up to {steps} steps, {diag.settings['unet_calls']} UNet calls of up to {batch_size} samples, "
+              f"on {device}, {torch.get_num_threads()} CPU threads)")
     return diag
 
 

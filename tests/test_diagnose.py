@@ -13,7 +13,8 @@ attends sharply to the cells it should ignore (the white background among them),
 error rises by about 0.016, and repairing that layer (attention on the true garment position)
 takes most of it back: blame 0.012 +- 0.003 against < 0.001 for every other layer (measured).
 
-The repair processor is checked against an explicit softmax; the outputs against independent
+Tests on the trained model are marked slow (the fixture trains for ~30-60 s). The repair
+processor is checked against an explicit softmax; the outputs against independent
 re-computation (the colour error of the same seeds, sampled here without the diagnosis code)."""
 from __future__ import annotations
 
@@ -192,6 +193,7 @@ def clean(run_dir, tmp_path_factory):
     return _diagnose(run_dir, tmp_path_factory.mktemp("clean"), fault=False)
 
 
+@pytest.mark.slow
 def test_planted_fault_is_ranked_first_and_the_clean_model_has_no_dominant_layer(faulty, clean):
     (d, _), (c, _) = faulty, clean
     top = d.ranking[0]
@@ -209,6 +211,7 @@ def test_planted_fault_is_ranked_first_and_the_clean_model_has_no_dominant_layer
     assert c.margin < d.margin / 3, msg
 
 
+@pytest.mark.slow
 def test_json_ranking_is_sorted_and_holds_the_numbers_behind_each_entry(faulty):
     d, printed = faulty
     out = Path(d.settings["out"])
@@ -231,6 +234,7 @@ def test_json_ranking_is_sorted_and_holds_the_numbers_behind_each_entry(faulty):
     assert "margin" in printed and "recommended config" in printed
 
 
+@pytest.mark.slow
 def test_errors_match_an_independent_resampling(run_dir, faulty):
     """Re-sample the first samples here with the plain Sampler (same per-sample seeds), with and
     without the top layer repaired, and recompute the colour error."""
@@ -253,8 +257,17 @@ def test_errors_match_an_independent_resampling(run_dir, faulty):
                   reference_grid=ck.model.reference_grid):
         fixed = colour_error(sampler(ck.model, batch, seeds=list(range(n))).images, batch["person"], batch["mask"])
     np.testing.assert_allclose((base - fixed).numpy(), top["blame_samples"][:n], atol=1e-5)
+    # A time-group entry: diagnose resumed at the group's first step; sampled here from noise,
+    # repaired on that group's steps only.
+    late = next(e for e in d.ranking if e["time_group"] not in (None, 0))
+    with repaired(ck.model.unet, late["layer"], steps=set(range(*late["steps"])),
+                  target=AttentionTarget(batch["garment_pos"], batch["worn_mask"]),
+                  reference_grid=ck.model.reference_grid):
+        fixed = colour_error(sampler(ck.model, batch, seeds=list(range(n))).images, batch["person"], batch["mask"])
+    np.testing.assert_allclose((base - fixed).numpy(), late["blame_samples"][:n], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_recommendation_loads_as_a_config_and_selects_the_blamed_layer(run_dir, faulty):
     from configs import load_config
     from i2am import AttentionMonitor
@@ -285,6 +298,7 @@ def test_recommendation_loads_as_a_config_and_selects_the_blamed_layer(run_dir, 
         assert FAULT in loss._selected(mon.last_attention())
 
 
+@pytest.mark.slow
 def test_report_html_and_figures(faulty):
     d, _ = faulty
     out = Path(d.settings["out"])
@@ -308,6 +322,7 @@ def test_a_run_without_checkpoints_is_a_clear_error(tmp_path, capsys):
     assert str(run) in err and "no checkpoint" in err and "checkpoint-N" in err and "config.yaml" in err
 
 
+@pytest.mark.slow
 def test_unpaired_data_gives_correlations_only_with_the_reason(run_dir, tmp_path):
     d, printed = _diagnose(run_dir, tmp_path / "unpaired", fault=False, unpaired=True)
     data = json.loads((tmp_path / "unpaired" / "diagnosis.json").read_text())
@@ -361,6 +376,7 @@ def test_recommendation_rules_and_the_snippet_loads(tmp_path):
     assert cfg.stability.layers == ["c"] and cfg.stability.t_max is None and cfg.stability.colour == 1.0
 
 
+@pytest.mark.slow
 def test_wandb_table_under_tracker_wandb_and_a_message_otherwise(run_dir, tmp_path, monkeypatch, clean):
     from apps.diagnose import diagnose
 
@@ -382,6 +398,7 @@ def test_wandb_table_under_tracker_wandb_and_a_message_otherwise(run_dir, tmp_pa
     assert not (Path(c.settings["out"]) / "wandb").exists()
 
 
+@pytest.mark.slow
 def test_experiment_runner_diagnoses_each_run_when_asked(tmp_path):
     from apps.experiment import main
 
@@ -393,3 +410,19 @@ def test_experiment_runner_diagnoses_each_run_when_asked(tmp_path):
     data = json.loads((tmp_path / "exp" / "baseline" / "seed0" / "diagnosis" / "diagnosis.json").read_text())
     assert data["settings"]["samples"] == 3 and len(data["layers"]) == 7
     assert data["settings"]["run"].startswith(str(tmp_path / "exp" / "baseline" / "seed0"))
+
+
+@pytest.mark.slow
+def test_cli_writes_beside_the_checkpoints_by_default(run_dir, faulty):
+    from apps.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["diagnose", str(run_dir), "--samples", "3", "--top-layers", "1", "--time-groups", "2",
+                     "--no-progress"]) == 0
+    data = json.loads((run_dir / "diagnosis" / "checkpoint-0000200" / "diagnosis.json").read_text())
+    assert data["settings"]["samples"] == 3 and len(data["time_groups"]) == 2
+    assert len([e for e in data["ranking"] if e["time_group"] is not None]) == 2
+    # 3 steps x (1 recorded + 7 layers) + the top layer's groups (steps 0-1, 2): resumed at 0 and 2
+    assert re.search(r"diagnosis of 3 samples took [\d.]+ s \(10 sampling runs of up to 3 steps, "
+                     r"28 UNet calls", buf.getvalue()), buf.getvalue()
