@@ -183,6 +183,144 @@ def _open(run: str | Path, overrides: Sequence[str], device: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------ the run
+@dataclass
+class _Plan:
+    """What every sampling run of one diagnosis shares: the same samples, seeds and steps."""
+
+    model: Any
+    sampler: Any
+    batches: list[tuple[int, dict[str, Any]]]
+    seeds: list[int]
+    bounds: list[tuple[int, int]]       # the time groups' steps [start, stop)
+    timesteps: list[int]
+    ground_truth: bool
+
+    def seeds_of(self, start: int, batch: Mapping[str, Any]) -> list[int]:
+        return self.seeds[start:start + batch["garment"].shape[0]]
+
+
+@dataclass
+class _Recorded:
+    """The recorded run: per layer and statistic (groups + 1, N) values (the time groups, then all
+    steps), per-sample errors, each layer's grid, and the latents entering each group per batch."""
+
+    per_layer: dict[str, dict[str, np.ndarray]]
+    errors: dict[str, np.ndarray]
+    grids: dict[str, str]
+    starts: dict[int, dict[int, torch.Tensor]]
+
+
+def _append(acc: dict[str, np.ndarray], key: str, values: np.ndarray) -> None:
+    acc[key] = np.concatenate([acc[key], values], 1) if key in acc else values
+
+
+def _record(plan: _Plan, progress: bool) -> tuple[list[str], _Recorded]:
+    """One sampling run with the monitor recording (colour anchors set, as in training)."""
+    from tqdm.auto import tqdm
+
+    from i2am import AttentionMonitor
+    from i2am.dispersion import colour_anchors
+    from i2am.metrics import imacs_per_sample
+    from losses.stability import AttentionTargets
+
+    model, sampler, steps = plan.model, plan.sampler, plan.sampler.steps
+    groups = len(plan.bounds)
+    group_starts = {start for start, _ in plan.bounds}
+    per_layer: dict[str, dict[str, np.ndarray]] = {}
+    errors: dict[str, list[float]] = {}
+    starts: dict[int, dict[int, torch.Tensor]] = {}
+    monitor = AttentionMonitor(model.unet, model.reference_grid, model.extra_tokens, num_steps=steps,
+                               time_groups=groups, moments=True, pair_layers=False)
+    layers = list(monitor.layers)
+    try:
+        for s, batch in tqdm(plan.batches, desc="diagnose: recording", disable=not progress):
+            b = batch["garment"].shape[0]
+            anchors = colour_anchors(batch["garment"], model.reference_grid)
+            monitor.set_anchors(torch.cat([anchors, anchors]) if sampler.guided else anchors)
+            targets = (AttentionTargets(batch["person"], batch.get("worn_mask", batch["mask"]))
+                       if plan.ground_truth else None)
+            hook = _Readings(monitor, batch, model.codec.latent_mask(batch["mask"]), targets, steps, groups)
+            handle = model.unet.register_forward_hook(hook)
+            # The latents entering each time group: a run repaired only from group g on is the same
+            # as this one before g, so it resumes there instead of sampling those steps again.
+            starts[s] = {}
+
+            def keep(k: int, latents: torch.Tensor, into: dict = starts[s]) -> None:
+                if k in group_starts:
+                    into[k] = latents.clone()
+            try:
+                run = sampler(model, batch, seeds=plan.seeds_of(s, batch), monitor=monitor, on_step=keep)
+            finally:
+                handle.remove()
+                monitor.set_anchors(None)
+            for k, v in _errors(run.images, batch, plan.ground_truth).items():
+                errors.setdefault(k, []).extend(v.tolist())
+            counts = torch.tensor(hook.counts, dtype=torch.float32).clamp(min=1)[:, None]
+            for name in layers:
+                acc = per_layer.setdefault(name, {})
+                for key, sums in hook.sums.get(name, {}).items():
+                    _append(acc, key, torch.cat([sums / counts, (sums.sum(0) / counts.sum())[None]]).numpy())
+                lm = run.maps.layers[name]
+                r2g = lm.r2g.float().mean(2)  # (bins, B, N_q), head mean; bins = time groups
+                rows = [imacs_per_sample(m.reshape(b, *lm.query_grid), batch["mask"]) for m in [*r2g, r2g.sum(0)]]
+                _append(acc, "imacs", np.array([[np.nan if v is None else v for v in row] for row in rows]))
+    finally:
+        monitor.close()
+    grids = {n: "x".join(map(str, run.maps.layers[n].query_grid)) for n in layers}
+    return layers, _Recorded(per_layer, {k: np.asarray(v) for k, v in errors.items()}, grids, starts)
+
+
+def _repaired_errors(plan: _Plan, rec: _Recorded, name: str, group: int | None, repair: str,
+                     temperature: float) -> dict[str, np.ndarray]:
+    """The errors of the same samples and seeds with ``name`` repaired on all steps or on one group's."""
+    from i2am.repair import AttentionTarget, repaired
+
+    model, steps = plan.model, plan.sampler.steps
+    out: dict[str, list[float]] = {}
+    for s, batch in plan.batches:
+        target = AttentionTarget(batch["garment_pos"], batch["worn_mask"]) if repair == "target" else None
+        # Repaired on the group's steps, resumed at its first one (the gate counts calls from there).
+        first, stop = (0, steps) if group is None else plan.bounds[group]
+        resume = dict(latents=rec.starts[s][first], start_step=first) if first else {}
+        with repaired(model.unet, name, steps=set(range(stop - first)),
+                      temperature=temperature if repair == "temperature" else 1.0, target=target,
+                      reference_grid=model.reference_grid, extra_tokens=model.extra_tokens):
+            images = plan.sampler(model, batch, seeds=plan.seeds_of(s, batch), **resume).images
+        for k, v in _errors(images, batch, True).items():
+            out.setdefault(k, []).extend(v.tolist())
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _entry(plan: _Plan, rec: _Recorded, name: str, g: int | None) -> dict[str, Any]:
+    """A ranking entry's measurements: where it is, the errors as sampled, each statistic's mean
+    and its correlation with the colour error over the samples."""
+    steps = plan.sampler.steps
+    first, stop = (0, steps) if g is None else plan.bounds[g]
+    e: dict[str, Any] = {"layer": name, "short": short_name(name), "grid": rec.grids[name], "time_group": g,
+                         "steps": [first, stop], "timesteps": [plan.timesteps[first], plan.timesteps[stop - 1]],
+                         "colour_error": float(rec.errors["colour_error"].mean())}
+    if "pixel_error" in rec.errors:
+        e["pixel_error"] = float(rec.errors["pixel_error"].mean())
+    row = -1 if g is None else g
+    for stat in STATISTICS:
+        values = rec.per_layer[name].get(stat)
+        e[stat] = None if values is None else _nanmean(values[row])
+        e[f"corr_{stat}"] = None if values is None else correlation(values[row], rec.errors["colour_error"])
+    return e
+
+
+def _blame(e: dict[str, Any], base: dict[str, np.ndarray], err: dict[str, np.ndarray], repair: str,
+           temperature: float) -> dict[str, Any]:
+    diff = base["colour_error"] - err["colour_error"]
+    e.update(blame=float(diff.mean()), blame_se=float(diff.std(ddof=1) / math.sqrt(len(diff))),
+             colour_error_repaired=float(err["colour_error"].mean()),
+             pixel_error_repaired=float(err["pixel_error"].mean()), repair=repair,
+             blame_samples=[round(float(d), 6) for d in diff])
+    if repair == "temperature":
+        e["temperature"] = temperature
+    return e
+
+
 def diagnose(run: str | Path, samples: int = 32, out: str | Path | None = None, *, steps: int | None = None,
              time_groups: int = 5, top_layers: int = 2, repair: str = "auto", temperature: float = 0.5,
              seed: int = 0, batch_size: int = 32, unpaired: bool = False, device: str | None = None,
@@ -193,11 +331,7 @@ def diagnose(run: str | Path, samples: int = 32, out: str | Path | None = None, 
     ``train.checkpoint.LoadedCheckpoint``) skips loading, e.g. to diagnose a modified model."""
     from tqdm.auto import tqdm
 
-    from i2am import AttentionMonitor
     from i2am._grid import split_bounds
-    from i2am.dispersion import colour_anchors
-    from i2am.metrics import imacs_per_sample
-    from losses.stability import AttentionTargets
     from models.sampling import Sampler
     from train.data import build_dataset
 
@@ -214,9 +348,8 @@ def diagnose(run: str | Path, samples: int = 32, out: str | Path | None = None, 
     groups = min(time_groups, steps)
     dataset = build_dataset(cfg.data, "test", mode="unpaired" if unpaired else "paired", num_samples=samples)
     samples = min(samples, len(dataset))
-    batches = _batches(dataset, samples, batch_size)
     batches = [(s, {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()})
-               for s, b in batches]
+               for s, b in _batches(dataset, samples, batch_size)]
     ground_truth = not unpaired
     notes: list[str] = []
     has_pos = all("garment_pos" in b and "worn_mask" in b for _, b in batches)
@@ -231,142 +364,54 @@ def diagnose(run: str | Path, samples: int = 32, out: str | Path | None = None, 
                      "mask vs the garment's mean colour). The colour-anchored variance needs the true colours and "
                      "is not computed.")
     sampler.scheduler.set_timesteps(steps)
-    timesteps = [int(t) for t in sampler.scheduler.timesteps]
-    bounds = split_bounds(steps, groups)
-    seeds = [seed + i for i in range(samples)]
+    plan = _Plan(model, sampler, batches, [seed + i for i in range(samples)], split_bounds(steps, groups),
+                 [int(t) for t in sampler.scheduler.timesteps], ground_truth)
 
     # ---- 1. measure (one recorded sampling run)
-    per_layer: dict[str, dict[str, np.ndarray]] = {}   # name -> stat -> (groups + 1, N): groups, then all steps
-    errors: dict[str, list[float]] = {}
-    group_starts = {start for start, _ in bounds}
-    starts: dict[int, dict[int, torch.Tensor]] = {}
-    monitor = AttentionMonitor(model.unet, model.reference_grid, model.extra_tokens, num_steps=steps,
-                               time_groups=groups, moments=True, pair_layers=False)
-    layers = list(monitor.layers)
-    try:
-        for s, batch in tqdm(batches, desc="diagnose: recording", disable=not progress):
-            b = batch["garment"].shape[0]
-            anchors = colour_anchors(batch["garment"], model.reference_grid)
-            monitor.set_anchors(torch.cat([anchors, anchors]) if sampler.guided else anchors)
-            targets = (AttentionTargets(batch["person"], batch.get("worn_mask", batch["mask"]))
-                       if ground_truth else None)
-            hook = _Readings(monitor, batch, model.codec.latent_mask(batch["mask"]), targets, steps, groups)
-            handle = model.unet.register_forward_hook(hook)
-            # The latents entering each time group: a run repaired only from group g on is the same
-            # as this one before g, so it resumes there instead of sampling those steps again.
-            starts[s] = {}
-
-            def keep(k: int, latents: torch.Tensor, into: dict = starts[s]) -> None:
-                if k in group_starts:
-                    into[k] = latents.clone()
-            try:
-                run_out = sampler(model, batch, seeds=seeds[s:s + b], monitor=monitor, on_step=keep)
-            finally:
-                handle.remove()
-                monitor.set_anchors(None)
-            for k, v in _errors(run_out.images, batch, ground_truth).items():
-                errors.setdefault(k, []).extend(v.tolist())
-            for name in layers:
-                acc = per_layer.setdefault(name, {})
-                counts = torch.tensor(hook.counts, dtype=torch.float32).clamp(min=1)[:, None]
-                for key, sums in hook.sums.get(name, {}).items():
-                    per_group = sums / counts
-                    stacked = torch.cat([per_group, (sums.sum(0) / counts.sum())[None]]).numpy()
-                    acc[key] = np.concatenate([acc[key], stacked], 1) if key in acc else stacked
-                r2g = run_out.maps.layers[name].r2g.float().mean(2)  # (bins, B, N_q), head mean
-                grid = run_out.maps.layers[name].query_grid
-                rows = [imacs_per_sample(m.reshape(b, *grid), batch["mask"]) for m in [*r2g, r2g.sum(0)]]
-                stacked = np.array([[np.nan if v is None else v for v in row] for row in rows])
-                acc["imacs"] = np.concatenate([acc["imacs"], stacked], 1) if "imacs" in acc else stacked
-    finally:
-        monitor.close()
-    base = {k: np.asarray(v) for k, v in errors.items()}
-    grids = {name: f"{g[0]}x{g[1]}" for name, g in ((n, run_out.maps.layers[n].query_grid) for n in layers)}
-
-    def entry(name: str, g: int | None) -> dict[str, Any]:
-        row = -1 if g is None else g
-        e: dict[str, Any] = {"layer": name, "short": short_name(name), "grid": grids[name], "time_group": g,
-                             "steps": list(bounds[g]) if g is not None else [0, steps],
-                             "timesteps": ([timesteps[bounds[g][0]], timesteps[bounds[g][1] - 1]] if g is not None
-                                           else [timesteps[0], timesteps[-1]]),
-                             "colour_error": float(base["colour_error"].mean())}
-        if "pixel_error" in base:
-            e["pixel_error"] = float(base["pixel_error"].mean())
-        for stat in STATISTICS:
-            values = per_layer[name].get(stat)
-            e[stat] = None if values is None else _nanmean(values[row])
-            e[f"corr_{stat}"] = None if values is None else correlation(values[row], base["colour_error"])
-        return e
-
-    # ---- 2. intervene
-    def repaired_errors(name: str, group: int | None) -> dict[str, np.ndarray]:
-        from i2am.repair import AttentionTarget, repaired
-
-        out_err: dict[str, list[float]] = {}
-        for s, batch in batches:
-            target = AttentionTarget(batch["garment_pos"], batch["worn_mask"]) if chosen == "target" else None
-            # Repaired on the group's steps, resumed at its first one (calls count from there).
-            first, stop = (0, steps) if group is None else bounds[group]
-            resume = dict(latents=starts[s][first], start_step=first) if first else {}
-            with repaired(model.unet, name, steps=set(range(stop - first)),
-                          temperature=temperature if chosen == "temperature" else 1.0,
-                          target=target, reference_grid=model.reference_grid, extra_tokens=model.extra_tokens):
-                images = sampler(model, batch, seeds=seeds[s:s + batch["garment"].shape[0]], **resume).images
-            for k, v in _errors(images, batch, True).items():
-                out_err.setdefault(k, []).extend(v.tolist())
-        return {k: np.asarray(v) for k, v in out_err.items()}
-
-    def blame(e: dict[str, Any], err: dict[str, np.ndarray]) -> dict[str, Any]:
-        diff = base["colour_error"] - err["colour_error"]
-        e.update(blame=float(diff.mean()), blame_se=float(diff.std(ddof=1) / math.sqrt(len(diff))),
-                 colour_error_repaired=float(err["colour_error"].mean()),
-                 pixel_error_repaired=float(err["pixel_error"].mean()), repair=chosen,
-                 blame_samples=[round(float(d), 6) for d in diff])
-        if chosen == "temperature":
-            e["temperature"] = temperature
-        return e
-
-    layer_entries = [entry(n, None) for n in layers]
+    layers, rec = _record(plan, progress)
+    base = rec.errors
+    layer_entries = [_entry(plan, rec, n, None) for n in layers]
     group_entries: list[dict[str, Any]] = []
+    # ---- 2. intervene: every layer over all steps, then the top layers per time group
     if ground_truth:
-        total = len(layers) + min(top_layers, len(layers)) * groups
-        with tqdm(total=total, desc="diagnose: interventions", disable=not progress) as bar:
+        with tqdm(total=len(layers) + min(top_layers, len(layers)) * groups, desc="diagnose: interventions",
+                  disable=not progress) as bar:
             for e in layer_entries:
-                blame(e, repaired_errors(e["layer"], None))
+                _blame(e, base, _repaired_errors(plan, rec, e["layer"], None, chosen, temperature), chosen,
+                       temperature)
                 bar.update()
-            top = sorted(layer_entries, key=lambda e: -e["blame"])[:top_layers]
-            for t in top:
+            for t in sorted(layer_entries, key=lambda e: -e["blame"])[:top_layers]:
                 for g in range(groups):
-                    group_entries.append(blame(entry(t["layer"], g), repaired_errors(t["layer"], g)))
+                    err = _repaired_errors(plan, rec, t["layer"], g, chosen, temperature)
+                    group_entries.append(_blame(_entry(plan, rec, t["layer"], g), base, err, chosen, temperature))
                     bar.update()
         ranking = sorted(layer_entries + group_entries, key=lambda e: -e["blame"])
         key = "blame"
-    else:
+    else:  # correlation only: rank by how strongly more dispersion goes with a larger (proxy) error
         for e in layer_entries:
-            r = e["corr_dispersion"]["pearson"]
-            e["blame"] = None
-            e["correlation_score"] = r
+            e["blame"], e["correlation_score"] = None, e["corr_dispersion"]["pearson"]
         ranking = sorted(layer_entries, key=lambda e: -(e["correlation_score"] if e["correlation_score"] is not None
                                                        else -math.inf))
         key = "correlation_score"
+    # ---- 3. rank and recommend
     by_layer = [e for e in ranking if e["time_group"] is None]
     scores = [e[key] for e in by_layer if e[key] is not None]
     margin = float(scores[0] - scores[1]) if len(scores) > 1 else None
-    recommendation = recommend(by_layer, group_entries, grids, ground_truth)
-    settings = {"run": str(ckpt.path), "step": ckpt.step, "samples": samples, "seeds": [seeds[0], seeds[-1]],
+    recommendation = recommend(by_layer, group_entries, rec.grids, ground_truth)
+    settings = {"run": str(ckpt.path), "step": ckpt.step, "samples": samples, "seeds": [seed, seed + samples - 1],
                 "sampling_steps": steps, "guidance_scale": sampler.guidance_scale, "time_groups": groups,
                 "top_layers": top_layers if ground_truth else 0, "repair": chosen if ground_truth else None,
                 "temperature": temperature if chosen == "temperature" else None, "split": "test",
                 "mode": "unpaired" if unpaired else "paired", "data": cfg.data.name, "device": str(device),
                 "tracker": cfg.tracker.kind, "ranked_by": key,
                 "sampling_runs": 1 + (len(layers) + len(group_entries) if ground_truth else 0),
-                # group runs resume at their group's first step (the steps before it are the baseline's)
+                # group runs resume at their group's first step (the steps before it are the recorded run's)
                 "unet_calls": steps * (1 + (len(layers) if ground_truth else 0))
                               + sum(steps - e["steps"][0] for e in group_entries)}
     diag = Diagnosis(ranking=ranking, layers=layers,
-                     time_groups=[{"index": g, "steps": list(bounds[g]),
-                                   "timesteps": [timesteps[bounds[g][0]], timesteps[bounds[g][1] - 1]]}
-                                  for g in range(groups)],
+                     time_groups=[{"index": g, "steps": list(b), "timesteps": [plan.timesteps[b[0]],
+                                                                              plan.timesteps[b[1] - 1]]}
+                                  for g, b in enumerate(plan.bounds)],
                      recommendation=recommendation, ground_truth=ground_truth, notes=notes, settings=settings,
                      margin=margin, per_sample={k: [round(float(x), 6) for x in v] for k, v in base.items()})
     diag.seconds = time.perf_counter() - start
@@ -378,7 +423,7 @@ def diagnose(run: str | Path, samples: int = 32, out: str | Path | None = None, 
         run_dir = ck_dir.parent.parent if ck_dir.parent.name == "checkpoints" else ck_dir
         target_dir = Path(out) if out is not None else run_dir / "diagnosis" / ck_dir.name
         diag.settings["out"] = str(target_dir)
-        write_outputs(diag, target_dir, per_layer, cfg)
+        write_outputs(diag, target_dir, rec.per_layer, cfg)
         diag.seconds = time.perf_counter() - start
         print(f"diagnosis of {samples} samples took {diag.seconds:.1f} s ({diag.settings['sampling_runs']} sampling "
               f"runs of up to {steps} steps, {diag.settings['unet_calls']} UNet calls of up to {batch_size} samples, "
@@ -391,8 +436,9 @@ def recommend(by_layer: list[dict[str, Any]], group_entries: list[dict[str, Any]
               ground_truth: bool) -> dict[str, Any]:
     """The stability settings the ranking points to.
 
-    Nothing when the top blame is within two standard errors of zero. Layers: the top layer, plus every layer whose blame reaches ``SHARE`` of it and is more than
-    two standard errors above zero; a set that is every layer of one resolution is written as
+    Nothing when the top blame is within two standard errors of zero. Layers: the top layer,
+    plus every layer whose blame reaches ``SHARE`` of it and is more than two standard errors
+    above zero; a set that is every layer of one resolution is written as
     that level ("16x12"). t_max: the time groups of the chosen layers whose summed blame reaches
     ``SHARE`` of the largest; t_max = 1 + the noisiest timestep of the earliest of them (the
     loss applies for t < t_max). If the noisiest group is blamed, t_max stays null (every t):
@@ -408,7 +454,8 @@ def recommend(by_layer: list[dict[str, Any]], group_entries: list[dict[str, Any]
         # than send the user off to regularise a layer that is fine.
         return {"term": None, "stability": {"colour": 0.0, "layers": None, "t_max": None},
                 "basis": "no layer's repair lowered the colour error by more than two standard errors "
-                         f"(top: {best:.4g} ± {by_layer[0]['blame_se'] if by_layer else 0:.2g}): nothing to regularise",
+                         f"(top: {best:.4g} ± {by_layer[0]['blame_se'] if by_layer else 0:.2g}): "
+                         "nothing to regularise",
                 "layers_chosen": []}
     chosen = [e["layer"] for e in by_layer
               if e is by_layer[0] or (e["blame"] >= SHARE * best and e["blame"] > 2 * e["blame_se"])]

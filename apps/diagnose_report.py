@@ -171,4 +171,5 @@ def write_outputs(diag: Diagnosis, out: Path, per_layer: Mapping[str, Mapping[st
     print(f"\nmargin (top − second layer): {tables.fmt(diag.margin)}")
     print("\nrecommended config (written to " + str(out / "recommended.yaml") + "):\n")
     print(text)
-    print(f"written: {', '.join(str(out / f) for f in ['diagnosis.json', 'recommended.yaml', *figures, 'report.html'])}")
+    written = ["diagnosis.json", "recommended.yaml", *figures, "report.html"]
+    print(f"written: {', '.join(str(out / f) for f in written)}")

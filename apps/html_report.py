@@ -162,7 +162,8 @@ def render_diagnosis_html(diagnosis: dict[str, Any], folder: Path) -> str:
 
     rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(fmt(v))}</td>" for v in (
-            i + 1, e["layer"].removesuffix(".processor"), e["grid"], "all" if e["time_group"] is None else e["time_group"],
+            i + 1, e["layer"].removesuffix(".processor"), e["grid"],
+            "all" if e["time_group"] is None else e["time_group"],
             e.get(rank_key), e.get("blame_se"), e["colour_error"], e.get("colour_error_repaired"),
             r(e, "colour_var"), r(e, "dispersion"), r(e, "imacs"))) + "</tr>"
         for i, e in enumerate(diagnosis["ranking"]))

@@ -426,3 +426,27 @@ def test_cli_writes_beside_the_checkpoints_by_default(run_dir, faulty):
     # 3 steps x (1 recorded + 7 layers) + the top layer's groups (steps 0-1, 2): resumed at 0 and 2
     assert re.search(r"diagnosis of 3 samples took [\d.]+ s \(10 sampling runs of up to 3 steps, "
                      r"28 UNet calls", buf.getvalue()), buf.getvalue()
+
+
+@pytest.mark.slow
+def test_temperature_repair_end_to_end_matches_an_independent_resampling(run_dir, tmp_path):
+    """repair=temperature (what data without garment positions gets): the blame of the top
+    entry equals re-sampling here with that layer at temperature 0.5."""
+    from torch.utils.data import default_collate
+
+    from i2am.repair import repaired
+    from models.sampling import Sampler
+    from train.data import build_dataset
+    from tryon_data.samples import colour_error
+
+    d, _ = _diagnose(run_dir, tmp_path / "temp", fault=True, repair="temperature", top_layers=0)
+    assert {e["repair"] for e in d.ranking} == {"temperature"} and d.ranking[0]["temperature"] == 0.5
+    ck = _loaded(run_dir, fault=True)
+    batch = default_collate([build_dataset(ck.cfg.data, "test", num_samples=SAMPLES)[i] for i in range(SAMPLES)])
+    sampler = Sampler.from_config(ck.cfg.diffusion)
+    base = colour_error(sampler(ck.model, batch, seeds=list(range(SAMPLES))).images, batch["person"], batch["mask"])
+    for e in (d.ranking[0], d.ranking[-1]):
+        with repaired(ck.model.unet, e["layer"], temperature=0.5):
+            out = sampler(ck.model, batch, seeds=list(range(SAMPLES))).images
+        np.testing.assert_allclose((base - colour_error(out, batch["person"], batch["mask"])).numpy(),
+                                   e["blame_samples"], atol=1e-5)
