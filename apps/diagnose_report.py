@@ -100,7 +100,9 @@ def heatmap_figure(diag: Diagnosis) -> np.ndarray:
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#dddddd")  # grey: not intervened
     im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=-span or -1, vmax=span or 1, aspect="auto")
     for (i, j), v in np.ndenumerate(m):
-        ax.text(j, i, "–" if np.isnan(v) else f"{v:.4f}", ha="center", va="center", fontsize=7)
+        dark = not np.isnan(v) and abs(v) > 0.6 * span  # white figures on the saturated cells
+        ax.text(j, i, "–" if np.isnan(v) else f"{v:.4f}", ha="center", va="center", fontsize=7,
+                color="white" if dark else "black")
     grids = {e["layer"]: e["grid"] for e in diag.ranking}
     ax.set_yticks(range(len(diag.layers)), [f"{short_name(n)} ({grids[n]})" for n in diag.layers], fontsize=8)
     ax.set_xticks(range(m.shape[1]), ["all"] + [f"g{g['index']}\nt {g['timesteps'][0]}–{g['timesteps'][1]}"
