@@ -270,6 +270,7 @@ def test_errors_match_an_independent_resampling(run_dir, faulty):
 @pytest.mark.slow
 def test_recommendation_loads_as_a_config_and_selects_the_blamed_layer(run_dir, faulty):
     from configs import load_config
+    from configs.schema import StabilityConfig
     from i2am import AttentionMonitor
     from losses.stability import StabilityLoss
 
@@ -295,7 +296,12 @@ def test_recommendation_loads_as_a_config_and_selects_the_blamed_layer(run_dir, 
         with torch.no_grad():
             latents = ck.model.codec.encode(batch["person"])
             ck.model(latents, torch.tensor([10]), ck.model.condition(batch), garment=batch["garment"])
-        assert FAULT in loss._selected(mon.last_attention())
+        last = mon.last_attention()
+        assert FAULT in loss._selected(last)
+        # A resolution level, the other form recommend() writes, selects every layer of that grid.
+        level = StabilityLoss(StabilityConfig(colour=1.0, layers=["8x6"]), monitored=mon.layers)
+        assert set(level._selected(last)) == {n for n, s in last.items() if tuple(s.grid) == (8, 6)}
+        assert FAULT in level._selected(last) and len(level._selected(last)) == 3
 
 
 @pytest.mark.slow
