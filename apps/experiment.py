@@ -3,7 +3,7 @@ seeds, evaluated on the same held-out samples; one markdown table (mean ± sd ov
 seeds), the two fill baselines beside them, and figures of maps and samples.
 
     python -m apps.experiment configs/experiments/baseline.yaml configs/experiments/anchored.yaml [more arms] \
-        [--seeds 0,1,2] [--out runs/stability] [--eval-samples 64] [key=value ...]
+        [--seeds 0,1,2] [--out runs/stability] [--eval-samples 64] [--diagnose N] [key=value ...]
 
 Overrides apply to every arm (e.g. `train.max_steps=300` for a quicker look;
 `train.resume=latest` re-evaluates arms already trained). A seed sets `train.seed` (weights,
@@ -235,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=_seeds, default=[0], help="train.seed of each run of every arm, e.g. 0,1,2")
     parser.add_argument("--out", default="runs/stability")
     parser.add_argument("--eval-samples", type=int, default=64)
+    parser.add_argument("--diagnose", type=int, default=0, metavar="N",
+                        help="after each run, `python -m i2am diagnose` it on N held-out samples, into "
+                             "<run>/diagnosis/ (0: off; docs/diagnose.md)")
     args = parser.parse_intermixed_args(argv)
     files = [a for a in args.arms if "=" not in a]
     overrides = [a for a in args.arms if "=" in a]
@@ -267,6 +270,11 @@ def main(argv: list[str] | None = None) -> int:
             if seed == args.seeds[0]:
                 figures[arm] = first
             trainer.close()
+            if args.diagnose:
+                from .diagnose import diagnose
+
+                diagnose(cfg.train.output_dir, samples=args.diagnose, out=Path(cfg.train.output_dir) / "diagnosis",
+                         progress=False)
             # Accelerate keeps process-wide state; start the next run clean.
             AcceleratorState._reset_state(True)
             GradientState._reset_state()

@@ -140,3 +140,58 @@ def render_html(summary: dict[str, Any], folder: Path) -> str:
 
 def write_html_report(path: str | Path, summary: dict[str, Any], folder: str | Path) -> None:
     Path(path).write_text(render_html(summary, Path(folder)), encoding="utf-8")
+
+
+# ------------------------------------------------------------------------ the diagnosis page
+DIAGNOSIS_EXPLANATION = (
+    "<b>Blame</b> of a layer (and time group) = how much the mean colour error of the same held-out samples "
+    "(same seeds) falls when only that layer's attention is repaired during those steps: replaced by attention on "
+    "the true garment position (synthetic data) or sharpened by a lower softmax temperature. Positive blame: that "
+    "layer's attention caused wrong colours. The correlations (Pearson r over the samples, all steps) of each "
+    "attention statistic with the colour error stand beside it as evidence, not as the ranking.")
+
+
+def render_diagnosis_html(diagnosis: dict[str, Any], folder: Path) -> str:
+    """The page (or section) for ``diagnosis.json``'s content whose figures are PNGs in ``folder``."""
+    rank_key = "blame" if diagnosis["ground_truth"] else "correlation_score"
+    head = ["#", "layer", "grid", "time group", rank_key.replace("_", " "), "± se", "colour err",
+            "repaired", "r(colour var)", "r(dispersion)", "r(IMACS)"]
+
+    def r(e: dict[str, Any], stat: str) -> Any:
+        return e[f"corr_{stat}"]["pearson"] if e.get(f"corr_{stat}") else None
+
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(fmt(v))}</td>" for v in (
+            i + 1, e["layer"].removesuffix(".processor"), e["grid"],
+            "all" if e["time_group"] is None else e["time_group"],
+            e.get(rank_key), e.get("blame_se"), e["colour_error"], e.get("colour_error_repaired"),
+            r(e, "colour_var"), r(e, "dispersion"), r(e, "imacs"))) + "</tr>"
+        for i, e in enumerate(diagnosis["ranking"]))
+    table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + rows + "</table>"
+    rec = diagnosis["recommendation"]
+    snippet = (folder / "recommended.yaml").read_text() if (folder / "recommended.yaml").is_file() else ""
+    captions = {"scatter.png": "colour error vs statistic, one panel per layer",
+                "blame_heatmap.png": "blame per layer × time group (0 = noisiest)"}
+    figures = "".join(_figure(folder, f, captions.get(f, f)) for f in diagnosis["files"].get("figures", []))
+    notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in diagnosis["notes"])
+    settings = _table([(k, v if not isinstance(v, list) else ", ".join(map(str, v)))
+                       for k, v in diagnosis["settings"].items()])
+    body = [
+        '<h1 id="diagnosis">Diagnosis: which layers and steps cause wrong colours</h1>',
+        f'<p class="explain">{DIAGNOSIS_EXPLANATION}</p>', notes,
+        f'<div class="cards"><div class="card"><div>margin (top &minus; second layer)</div>'
+        f'<div class="metric">{html.escape(fmt(diagnosis["margin"]))}</div></div></div>',
+        "<h2>Ranking</h2>", table,
+        "<h2>Figures</h2>", f'<div class="figs">{figures}</div>',
+        "<h2>Recommendation</h2>", f'<p class="explain">{html.escape(rec["basis"])}</p>',
+        f"<pre><code>{html.escape(snippet)}</code></pre>",
+        "<h2>Settings</h2>", settings,
+    ]
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>I²AM diagnosis</title><style>{_CSS}</style></head><body>"
+            + "".join(body) + f"<script>{_SCRIPT}</script></body></html>")
+
+
+def write_diagnosis_report(path: str | Path, diagnosis: dict[str, Any], folder: str | Path) -> None:
+    Path(path).write_text(render_diagnosis_html(diagnosis, Path(folder)), encoding="utf-8")

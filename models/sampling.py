@@ -6,7 +6,7 @@ do; a monitor passed to the sampler records the conditional half only.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -91,7 +91,8 @@ class Sampler:
     def __call__(self, model: TryOnModel, batch: Mapping[str, torch.Tensor], *,
                  generator: torch.Generator | None = None, seed: int | None = None,
                  seeds: Sequence[int] | None = None, monitor: Monitor | None = None,
-                 paste_back: bool = True, progress: bool = False) -> Samples:
+                 paste_back: bool = True, progress: bool = False, latents: torch.Tensor | None = None,
+                 start_step: int = 0, on_step: Callable[[int, torch.Tensor], None] | None = None) -> Samples:
         """Generate the try-on images for a batch of agnostic persons, masks and garments.
 
         Noise comes from ``generator``, or from a new one seeded with ``seed`` on the batch's
@@ -100,7 +101,13 @@ class Sampler:
         one). ``monitor`` is reset, records this run
         (the conditional half under guidance) and its ``maps()`` are returned; its
         ``batch_slice`` is restored after. ``paste_back`` keeps the person outside the
-        inpainting mask, as try-on evaluations do."""
+        inpainting mask, as try-on evaluations do.
+
+        Resuming: ``on_step(k, latents)`` sees the latents that enter step k (0-based, before
+        the UNet call); ``latents=`` with ``start_step=k`` starts the loop there instead of
+        from noise, skipping steps 0..k-1. With DDIM's default eta = 0 the steps draw no noise,
+        so resuming from latents that ``on_step`` gave reproduces the run from step k on
+        (the diagnosis re-samples only the steps after an intervention starts)."""
         if sum(x is not None for x in (generator, seed, seeds)) > 1:
             raise ValueError("pass a generator, a seed or per-sample seeds, not both")
         b = batch["garment"].shape[0]
@@ -111,20 +118,25 @@ class Sampler:
             device = batch["garment"].device
             generators = (torch.Generator(device).manual_seed(seed) if seed is not None
                           else [torch.Generator(device).manual_seed(int(s)) for s in seeds])
+        if not 0 <= start_step < self.steps or (start_step and latents is None):
+            raise ValueError(f"start_step={start_step}: expected 0..{self.steps - 1}, and latents to start from "
+                             "when it is > 0")
+        resume = dict(latents=latents, start_step=start_step, on_step=on_step)
         if monitor is None:
-            return Samples(self._sample(model, batch, generators, paste_back, progress))
+            return Samples(self._sample(model, batch, generators, paste_back, progress, **resume))
         previous = monitor.batch_slice
         monitor.batch_slice = conditional_half if self.guided else None
         monitor.reset()
         try:
-            images = self._sample(model, batch, generators, paste_back, progress)
+            images = self._sample(model, batch, generators, paste_back, progress, **resume)
             return Samples(images, monitor.maps())
         finally:
             monitor.batch_slice = previous
 
     def _sample(self, model: TryOnModel, batch: Mapping[str, torch.Tensor],
                 generator: torch.Generator | list[torch.Generator] | None, paste_back: bool,
-                progress: bool) -> torch.Tensor:
+                progress: bool, latents: torch.Tensor | None = None, start_step: int = 0,
+                on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
         cond = model.condition(batch)
         tokens = model.garment_tokens(batch["garment"])
         b, _, h, w = cond.shape
@@ -133,15 +145,23 @@ class Sampler:
             cond = torch.cat([cond, cond])
             tokens = torch.cat([model.null_garment_tokens(b).to(tokens.dtype), tokens])
         shape = (b, model.latent_channels, h, w)
-        if isinstance(generator, list):  # one generator per sample (diffusers' randn_tensor convention)
-            latents = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=cond.device, dtype=tokens.dtype)
-                                 for g in generator])
-        else:
-            latents = torch.randn(shape, generator=generator, device=cond.device, dtype=tokens.dtype)
         scheduler = self.scheduler
         scheduler.set_timesteps(self.steps, device=cond.device)
-        latents = latents * scheduler.init_noise_sigma
-        for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
+        if latents is not None:  # resuming at start_step
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents: expected {shape} to resume from, got {tuple(latents.shape)}")
+            latents = latents.to(device=cond.device, dtype=tokens.dtype)
+        else:
+            if isinstance(generator, list):  # one generator per sample (diffusers' randn_tensor convention)
+                latents = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=cond.device,
+                                                 dtype=tokens.dtype) for g in generator])
+            else:
+                latents = torch.randn(shape, generator=generator, device=cond.device, dtype=tokens.dtype)
+            latents = latents * scheduler.init_noise_sigma
+        timesteps = scheduler.timesteps[start_step:]
+        for k, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False), start_step):
+            if on_step is not None:
+                on_step(k, latents)
             x = scheduler.scale_model_input(latents, t)
             x = torch.cat([x, x]) if guided else x
             pred = model(x, t.expand(x.shape[0]), cond, tokens=tokens)

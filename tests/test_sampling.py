@@ -179,3 +179,22 @@ def test_the_loss_noises_with_noised():
     n = loss.noised(latents, torch.Generator().manual_seed(2))
     assert torch.equal(seen.noisy, n.noisy) and torch.equal(seen.t, n.timesteps)
     assert torch.allclose(value, (n.noise ** 2).mean())  # epsilon target, zero prediction
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_resuming_from_the_latents_of_a_step_reproduces_the_run(model, batch, cfg, guidance):
+    sampler = Sampler.from_config(cfg.diffusion, guidance_scale=guidance)
+    seen: dict[int, torch.Tensor] = {}
+    full = sampler(model, batch, seeds=[5, 6, 7], on_step=lambda k, x: seen.setdefault(k, x.clone())).images
+    assert sorted(seen) == list(range(STEPS))
+    for k in range(1, STEPS):
+        calls = []
+        hook = model.unet.register_forward_pre_hook(lambda m, a: calls.append(1))
+        try:
+            resumed = sampler(model, batch, seeds=[5, 6, 7], latents=seen[k], start_step=k).images
+        finally:
+            hook.remove()
+        assert len(calls) == STEPS - k  # the steps before k are not run again
+        torch.testing.assert_close(resumed, full, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="start_step"):
+        sampler(model, batch, start_step=1)
