@@ -187,7 +187,10 @@ def validate(cfg: Config) -> None:
     if negative:
         raise ConfigError(f"{', '.join(negative)}: stability weights must be >= 0")
     if any(weights.values()) and not cfg.monitor.enabled:
-        raise ConfigError("stability loss weights are set but monitor.enabled=false: the loss needs the monitor")
+        on = " ".join(f"stability.{k}={v}" for k, v in weights.items() if v)
+        off = " ".join(f"stability.{k}=0" for k, v in weights.items() if v)
+        raise ConfigError(f"stability loss weights are set ({on}) but monitor.enabled=false: the loss reads the "
+                          f"monitor's statistics; to train without both, also pass {off}")
     if st.position and cfg.data.name not in DATA_WITH_GARMENT_POS:
         raise ConfigError(
             f"stability.position={st.position} needs each worn pixel's true garment position (sample key "

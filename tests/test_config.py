@@ -14,7 +14,20 @@ def test_default_config_is_the_embedded_default():
     cfg = load_config()
     assert cfg.data.name == "synthetic"
     assert cfg.model.codec.kind == "pixel"
-    assert cfg.diffusion.prediction_type == "v_prediction"
+    assert cfg.diffusion.prediction_type == "sample" and cfg.diffusion.snr_gamma is None
+    assert cfg.model.unet.mask_coords
+
+
+def test_default_run_trains_with_the_anchored_recipe_and_the_baseline_without():
+    """The default's stability terms are the anchored arm's, so the experiment measures the default."""
+    from dataclasses import asdict
+
+    default = asdict(load_config().stability)
+    assert default == asdict(load_config(files=["configs/experiments/anchored.yaml"]).stability)
+    assert default["position"] > 0
+    baseline = asdict(load_config(files=["configs/experiments/baseline.yaml"]).stability)
+    weights = ("dispersion", "atv", "concentration", "colour", "position", "flow", "cwg", "tv", "dcml")
+    assert all(baseline[k] == 0 for k in weights)
 
 
 def test_default_yaml_states_only_what_differs_from_the_schema():
@@ -179,7 +192,8 @@ def test_string_keys_keep_numbers_and_words_as_written():
     assert (cfg.tracker.run_name, cfg.tracker.project, cfg.data.root) == ("on", "1e3", "yes")
     assert cfg.train.resume is None  # null is still "unset" for an Optional key
     # typed keys are unchanged: booleans and numbers are still parsed
-    cfg = load_config(overrides=["monitor.enabled=no", "data.use_pose=off", "optim.lr=1e-3", "train.max_steps=9"])
+    cfg = load_config(overrides=["monitor.enabled=no", "stability.position=0", "data.use_pose=off", "optim.lr=1e-3",
+                                 "train.max_steps=9"])
     assert cfg.monitor.enabled is False and cfg.data.use_pose is False
     assert cfg.optim.lr == pytest.approx(1e-3) and cfg.train.max_steps == 9
     with pytest.raises(ConfigError, match=r"train\.mixed_precision.*'fp32'"):

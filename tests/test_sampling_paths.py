@@ -14,7 +14,8 @@ from models.sampling import Sampler
 
 @pytest.fixture(scope="module")
 def cfg():
-    return load_config(overrides=["model.unet.size=test", "model.garment.width=16", "data.num_val=3"])
+    return load_config(overrides=["model.unet.size=test", "model.garment.width=16", "data.num_val=3",
+                                  "diffusion.prediction_type=v_prediction"])
 
 
 @pytest.fixture(scope="module")
