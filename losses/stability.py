@@ -292,6 +292,28 @@ class StabilityLoss:
         return attention_anchored(s.query, s.key, s.scale, s.anchors, s.extra_tokens)
 
 
+def describe(cfg: StabilityConfig) -> str:
+    """One line for the run summary: which terms are on, at what weight, where and when;
+    "off" when none is."""
+    own = [k for k in ("dispersion", "atv", "concentration", "colour", "position") if getattr(cfg, k)]
+    parts = []
+    if own:
+        layers = ", ".join(cfg.layers) if cfg.layers else "every monitored layer"
+        parts.append(" + ".join(f"{k} {getattr(cfg, k):g}" for k in own) + f" on {layers}")
+    for recipe in RECIPES:
+        on = [k for k in recipe.terms if getattr(cfg, k)]
+        if on:
+            layers = getattr(cfg, recipe.layers_key)
+            parts.append(" + ".join(f"{k} {getattr(cfg, k):g}" for k in on)
+                         + f" on {', '.join(layers) if layers else 'its default layers'}")
+    if not parts:
+        return "off (attention readings logged only)"
+    when = f"t < {cfg.t_max}" if cfg.t_max is not None else "every t"
+    if cfg.warmup_steps:
+        when += f", from step {cfg.warmup_steps}"
+    return "; ".join(parts) + f"; {when}"
+
+
 def dispersion_readings(last: Mapping, latent_mask: torch.Tensor | None, timesteps: torch.Tensor | None = None,
                         t_max: int | None = None) -> dict[str, torch.Tensor]:
     """Per layer, the masked mean dispersion of the last forward, detached, as the loss logs it

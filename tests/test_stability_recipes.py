@@ -243,3 +243,14 @@ def test_a_few_training_steps_with_every_recipe_term_on(tmp_path):
     logged = trainer.history[-1]
     assert {"loss/flow/up1.0", "loss/cwg/up1.1", "loss/tv/up1.0", "loss/dcml/up1.0", "loss/stability"} <= set(logged)
     assert all(math.isfinite(v) for v in logged.values())
+
+
+def test_describe_names_the_terms_that_are_on():
+    from configs.schema import StabilityConfig
+    from losses.stability import describe
+
+    assert describe(StabilityConfig()) == "off (attention readings logged only)"
+    assert describe(StabilityConfig(colour=0.03, position=0.1, layers=["16x12"], t_max=500)) == \
+        "colour 0.03 + position 0.1 on 16x12; t < 500"
+    assert describe(StabilityConfig(flow=1e-3, cwg=2.0, dcml=0.01, authors_layers=["up1.0"], warmup_steps=5)) == \
+        "flow 0.001 on its default layers; cwg 2 + dcml 0.01 on up1.0; every t, from step 5"

@@ -13,6 +13,7 @@ import torch
 from configs import load_config
 from tests.conftest import tiny_overrides
 from train import Trainer
+from train.trainer import format_summary
 from train.checkpoint import list_checkpoints, load_checkpoint
 from train.data import build_loader
 
@@ -186,6 +187,9 @@ def test_summary_reports_colour_errors(tmp_path):
         assert 0 < summary[key] < 1, key
     assert (tmp_path / "run" / "summary.json").is_file()
     assert list((tmp_path / "run" / "images").glob("val_samples_*.png"))
+    # the default run's stability recipe is named in the summary
+    assert summary["stability"] == f"position {cfg.stability.position:g} on every monitored layer; every t"
+    assert "stability loss   position" in format_summary(summary)
 
 
 @pytest.mark.slow

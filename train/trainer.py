@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from common.tables import fmt
 from configs.loader import to_yaml
 from configs.schema import Config
+from losses.stability import describe as describe_stability
 from losses import DiffusionLoss, TryOnObjective
 from models import build_model
 from models.sampling import Sampler
@@ -325,6 +326,7 @@ class Trainer:
             "pixel_error_untrained": self.first_val_pixel_error,
             "pixel_error_final": self.val_history[-1].get("val/pixel_error") if self.val_history else None,
             "pixel_error_garment_blind": self.validator.baseline_pixel_error,
+            "stability": describe_stability(self.cfg.stability) if self.cfg.monitor.enabled else "off (monitor off)",
             "run_dir": str(self.run_dir), "checkpoints": str(self.run_dir / "checkpoints"),
             "tracker": tracker_location(acc, self.cfg.tracker, self.run_dir),
         }
@@ -349,6 +351,7 @@ def format_summary(s: dict) -> str:
         f"   (garment-blind baseline {fmt(s['colour_error_garment_blind'])})   mean colour in the mask",
         f"pixel error      untrained {fmt(s['pixel_error_untrained'])}  ->  trained {fmt(s['pixel_error_final'])}"
         f"   (garment-blind baseline {fmt(s['pixel_error_garment_blind'])})   per pixel in the mask",
+        f"stability loss   {s.get('stability', 'off')}",
         f"checkpoints      {s['checkpoints']}",
         f"tracking         {s['tracker']}",
         "─" * 65,
