@@ -38,7 +38,11 @@ from i2am.names import short_name
 STATISTICS = ("dispersion", "colour_var", "imacs")
 # Layers whose blame reaches this share of the top blame are recommended too (if clearly > 0).
 SHARE = 0.5
-DEFAULT_COLOUR_WEIGHT = 1.0  # a starting point for stability.colour, not a tuned value
+# The term and weight recommended, from the measured comparison (docs/benchmarks.md, "Default model
+# quality"): where the data knows each worn pixel's garment position, the position-anchored term at
+# 0.1 placed patterns best; elsewhere the colour-anchored term at the gentle 0.03 (stronger colour
+# weights collapsed attention to one cell per colour). Starting points, not tuned per data set.
+TERM_WEIGHTS = {"position": 0.1, "colour": 0.03}
 
 
 class DiagnoseError(ValueError):
@@ -397,7 +401,10 @@ def diagnose(run: str | Path, samples: int = 32, out: str | Path | None = None, 
     by_layer = [e for e in ranking if e["time_group"] is None]
     scores = [e[key] for e in by_layer if e[key] is not None]
     margin = float(scores[0] - scores[1]) if len(scores) > 1 else None
-    recommendation = recommend(by_layer, group_entries, rec.grids, ground_truth)
+    from configs.loader import DATA_WITH_GARMENT_POS
+
+    term = "position" if cfg.data.name in DATA_WITH_GARMENT_POS else "colour"
+    recommendation = recommend(by_layer, group_entries, rec.grids, ground_truth, term)
     settings = {"run": str(ckpt.path), "step": ckpt.step, "samples": samples, "seeds": [seed, seed + samples - 1],
                 "sampling_steps": steps, "guidance_scale": sampler.guidance_scale, "time_groups": groups,
                 "top_layers": top_layers if ground_truth else 0, "repair": chosen if ground_truth else None,
@@ -433,7 +440,7 @@ def diagnose(run: str | Path, samples: int = 32, out: str | Path | None = None, 
 
 # ---------------------------------------------------------------------------- recommendation
 def recommend(by_layer: list[dict[str, Any]], group_entries: list[dict[str, Any]], grids: Mapping[str, str],
-              ground_truth: bool) -> dict[str, Any]:
+              ground_truth: bool, term: str = "colour") -> dict[str, Any]:
     """The stability settings the ranking points to.
 
     Nothing when the top blame is within two standard errors of zero. Layers: the top layer,
@@ -442,17 +449,19 @@ def recommend(by_layer: list[dict[str, Any]], group_entries: list[dict[str, Any]
     that level ("16x12"). t_max: the time groups of the chosen layers whose summed blame reaches
     ``SHARE`` of the largest; t_max = 1 + the noisiest timestep of the earliest of them (the
     loss applies for t < t_max). If the noisiest group is blamed, t_max stays null (every t):
-    t_max can only cut off noisy steps."""
+    t_max can only cut off noisy steps. ``term``: "position" where the data gives garment
+    positions, else "colour", at its weight in ``TERM_WEIGHTS``."""
+    weight = TERM_WEIGHTS[term]
     if not ground_truth:
         top = [e["layer"] for e in by_layer[:1] if e.get("correlation_score") is not None]
-        return {"term": "colour", "stability": {"colour": DEFAULT_COLOUR_WEIGHT, "layers": top or None, "t_max": None},
+        return {"term": term, "stability": {term: weight, "layers": top or None, "t_max": None},
                 "basis": "correlation only (no ground truth); confirm on paired data before training on it",
                 "layers_chosen": top}
     best = by_layer[0]["blame"] if by_layer else 0.0
     if best <= 0 or best <= 2 * by_layer[0]["blame_se"]:
         # Within two standard errors of zero the top layer may be first by chance: say so rather
         # than send the user off to regularise a layer that is fine.
-        return {"term": None, "stability": {"colour": 0.0, "layers": None, "t_max": None},
+        return {"term": None, "stability": {term: 0.0, "layers": None, "t_max": None},
                 "basis": "no layer's repair lowered the colour error by more than two standard errors "
                          f"(top: {best:.4g} ± {by_layer[0]['blame_se'] if by_layer else 0:.2g}): "
                          "nothing to regularise",
@@ -481,5 +490,5 @@ def recommend(by_layer: list[dict[str, Any]], group_entries: list[dict[str, Any]
     basis = (f"repairing {', '.join(short_name(n) for n in chosen)} lowered the colour error by "
              + ", ".join(format(e["blame"], ".4f") for e in by_layer if e["layer"] in chosen)
              + (f"; blamed time groups {blamed} (0 = noisiest)" if blamed else ""))
-    return {"term": "colour", "stability": {"colour": DEFAULT_COLOUR_WEIGHT, "layers": emitted, "t_max": t_max},
+    return {"term": term, "stability": {term: weight, "layers": emitted, "t_max": t_max},
             "basis": basis, "layers_chosen": chosen, "blamed_time_groups": blamed}

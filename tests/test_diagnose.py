@@ -279,7 +279,9 @@ def test_recommendation_loads_as_a_config_and_selects_the_blamed_layer(run_dir, 
     assert path.read_text().split("stability:", 1)[1].strip() in printed  # the snippet is printed
     cfg = load_config(files=[path])
     rec = d.recommendation["stability"]
-    assert cfg.stability.colour == rec["colour"] > 0
+    term = d.recommendation["term"]
+    assert term == "position"  # the synthetic data knows the garment positions
+    assert getattr(cfg.stability, term) == rec[term] > 0
     assert cfg.stability.layers == rec["layers"] and cfg.stability.t_max == rec["t_max"]
     groups = d.recommendation["blamed_time_groups"]
     want_t_max = None if groups[0] == 0 else d.time_groups[groups[0]]["timesteps"][0] + 1
@@ -366,7 +368,9 @@ def test_recommendation_rules_and_the_snippet_loads(tmp_path):
                                                                                   (0.004, 599), (0.005, 399)])]
     rec = recommend(layers, groups, grids, True)
     # c and d are every 4x3 layer: written as the level; groups 2 and 3 blamed -> t < 600
-    assert rec["stability"] == {"colour": 1.0, "layers": ["4x3"], "t_max": 600}
+    assert rec["stability"] == {"colour": 0.03, "layers": ["4x3"], "t_max": 600}
+    assert recommend(layers, groups, grids, True, "position")["stability"] == {"position": 0.1, "layers": ["4x3"],
+                                                                                 "t_max": 600}
     assert rec["blamed_time_groups"] == [2, 3]
     # d within noise (blame < 2 se) is left out; the noisiest group blamed -> no t_max
     layers[1]["blame_se"] = 0.004
@@ -379,7 +383,7 @@ def test_recommendation_rules_and_the_snippet_loads(tmp_path):
                   ground_truth=True, notes=[], settings={"run": "runs/x", "samples": 4}, margin=0.004)
     (tmp_path / "rec.yaml").write_text(snippet(d))
     cfg = load_config(files=[tmp_path / "rec.yaml"])
-    assert cfg.stability.layers == ["c"] and cfg.stability.t_max is None and cfg.stability.colour == 1.0
+    assert cfg.stability.layers == ["c"] and cfg.stability.t_max is None and cfg.stability.colour == 0.03
 
 
 @pytest.mark.slow
