@@ -214,7 +214,7 @@ def test_unquoted_no_in_a_yaml_file_says_to_quote_it(tmp_path):
 def test_pose_settings_must_agree(tmp_path):
     """data.use_pose loads a pose image the UNet only uses with model.unet.use_pose (and the
     reverse needs the image): a mismatch is a config error before anything is built."""
-    real = ["data.name=viton_hd", f"data.root={tmp_path}"]
+    real = ["data.name=viton_hd", f"data.root={tmp_path}", "stability.position=0"]
     with pytest.raises(ConfigError) as err:
         load_config(overrides=[*real, "data.use_pose=true"])
     msg = str(err.value)
@@ -235,5 +235,5 @@ def test_pose_mismatch_stops_train_py_before_writing(tmp_path, capsys):
     spec.loader.exec_module(train_script)
     out = tmp_path / "run"
     code = train_script.main([f"train.output_dir={out}", "data.name=dresscode", f"data.root={tmp_path}",
-                              "data.use_pose=true"])
+                              "data.use_pose=true", "stability.position=0"])
     assert code == 2 and "model.unet.use_pose" in capsys.readouterr().err and not out.exists()

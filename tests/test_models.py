@@ -52,10 +52,10 @@ def test_vae_codec_shapes():
 
 def test_model_shapes_and_input_channels(tiny_model):
     c = tiny_model.latent_channels
-    assert tiny_model.unet.config.in_channels == 2 * c + 1
+    assert tiny_model.unet.config.in_channels == 2 * c + 1 + 2  # noisy, agnostic, mask, mask-box (y, x)
     batch = {"agnostic": torch.zeros(2, 3, 32, 24), "mask": torch.ones(2, 1, 32, 24)}
     cond = tiny_model.condition(batch)
-    assert cond.shape == (2, c + 1, 16, 12)
+    assert cond.shape == (2, c + 1 + 2, 16, 12)
     out = tiny_model(torch.randn(2, c, 16, 12), torch.tensor([10, 900]), cond, torch.zeros(2, 3, 32, 24))
     assert out.shape == (2, c, 16, 12)
     assert tiny_model.reference_grid == (8, 6) and tiny_model.extra_tokens == 0
@@ -66,9 +66,9 @@ def test_pose_adds_latent_channels():
     cfg.model.unet.use_pose = True  # the model alone (a config also needs real data with data.use_pose)
     model = build_model(cfg.model)
     c = model.latent_channels
-    assert model.unet.config.in_channels == 3 * c + 1
+    assert model.unet.config.in_channels == 3 * c + 1 + 2
     batch = {"agnostic": torch.zeros(1, 3, 32, 24), "mask": torch.ones(1, 1, 32, 24), "pose": torch.zeros(1, 3, 32, 24)}
-    assert model.condition(batch).shape[1] == 2 * c + 1
+    assert model.condition(batch).shape[1] == 2 * c + 1 + 2
     with pytest.raises(KeyError, match="pose"):
         model.condition({"agnostic": batch["agnostic"], "mask": batch["mask"]})
 
@@ -148,7 +148,7 @@ def test_pretrained_unet_loads_from_local_dir_and_widens(tmp_path, tiny_cfg):
     cfg = load_config(overrides=["model.unet.size=test", "model.garment.width=16",
                                  f"model.unet.pretrained={tmp_path / 'unet'}"])
     model = build_model(cfg.model)
-    assert model.unet.config.in_channels == 25
+    assert model.unet.config.in_channels == 27  # 12 noisy + 12 agnostic + mask + 2 mask-box coordinates
     assert torch.equal(model.unet.conv_in.weight[:, :12], saved.conv_in.weight)
     assert torch.count_nonzero(model.unet.conv_in.weight[:, 12:]) == 0
     assert torch.equal(model.unet.mid_block.resnets[0].conv1.weight, saved.mid_block.resnets[0].conv1.weight)
