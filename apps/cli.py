@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: attention on the true garment position where the data gives it (synthetic), "
                         "else a lower softmax temperature")
     d.add_argument("--temperature", type=float, default=0.5, help="softmax temperature of the temperature repair")
+    d.add_argument("--metric", choices=("colour", "pixel"), default="colour",
+                   help="what a repair must lower to be blamed: colour (mean colour in the mask: wrong colours) or "
+                        "pixel (per-pixel error: also patterns out of place)")
     d.add_argument("--seed", type=int, default=0, help="sample k is sampled with seed SEED + k")
     d.add_argument("--batch-size", type=int, default=32)
     d.add_argument("--unpaired", action="store_true",
@@ -91,6 +94,7 @@ def _diagnose(args: argparse.Namespace) -> int:
         diagnose(args.source, samples=args.samples, out=args.out, steps=args.steps, time_groups=args.time_groups,
                  top_layers=args.top_layers, repair=args.repair, temperature=args.temperature, seed=args.seed,
                  batch_size=args.batch_size, unpaired=args.unpaired, device=args.device, overrides=args.overrides,
+                 metric=args.metric,
                  progress=not args.no_progress)
     except (DiagnoseError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -314,12 +314,12 @@ def _entry(plan: _Plan, rec: _Recorded, name: str, g: int | None) -> dict[str, A
 
 
 def _blame(e: dict[str, Any], base: dict[str, np.ndarray], err: dict[str, np.ndarray], repair: str,
-           temperature: float) -> dict[str, Any]:
-    diff = base["colour_error"] - err["colour_error"]
+           temperature: float, metric: str = "colour") -> dict[str, Any]:
+    diff = base[f"{metric}_error"] - err[f"{metric}_error"]
     e.update(blame=float(diff.mean()), blame_se=float(diff.std(ddof=1) / math.sqrt(len(diff))),
              colour_error_repaired=float(err["colour_error"].mean()),
              pixel_error_repaired=float(err["pixel_error"].mean()), repair=repair,
-             blame_samples=[round(float(d), 6) for d in diff])
+             blame_metric=f"{metric}_error", blame_samples=[round(float(d), 6) for d in diff])
     if repair == "temperature":
         e["temperature"] = temperature
     return e
@@ -328,6 +328,7 @@ def _blame(e: dict[str, Any], base: dict[str, np.ndarray], err: dict[str, np.nda
 def diagnose(run: str | Path, samples: int = 32, out: str | Path | None = None, *, steps: int | None = None,
              time_groups: int = 5, top_layers: int = 2, repair: str = "auto", temperature: float = 0.5,
              seed: int = 0, batch_size: int = 32, unpaired: bool = False, device: str | None = None,
+             metric: str = "colour",
              overrides: Sequence[str] = (), progress: bool = True, loaded: Any = None,
              write: bool = True) -> Diagnosis:
     """Diagnose a run or checkpoint (see the module docstring); writes the outputs to ``out``
@@ -341,6 +342,9 @@ def diagnose(run: str | Path, samples: int = 32, out: str | Path | None = None, 
 
     if samples < 3:
         raise DiagnoseError(f"--samples {samples}: at least 3 samples are needed for correlations")
+    if metric not in ("colour", "pixel"):
+        raise DiagnoseError(f"metric={metric!r}: expected colour (mean colour in the mask: wrong colours) or pixel "
+                            f"(per pixel: also patterns out of place)")
     if repair not in ("auto", "target", "temperature"):
         raise DiagnoseError(f"repair={repair!r}: expected auto, target or temperature")
     start = time.perf_counter()
@@ -382,12 +386,13 @@ def diagnose(run: str | Path, samples: int = 32, out: str | Path | None = None, 
                   disable=not progress) as bar:
             for e in layer_entries:
                 _blame(e, base, _repaired_errors(plan, rec, e["layer"], None, chosen, temperature), chosen,
-                       temperature)
+                       temperature, metric)
                 bar.update()
             for t in sorted(layer_entries, key=lambda e: -e["blame"])[:top_layers]:
                 for g in range(groups):
                     err = _repaired_errors(plan, rec, t["layer"], g, chosen, temperature)
-                    group_entries.append(_blame(_entry(plan, rec, t["layer"], g), base, err, chosen, temperature))
+                    group_entries.append(_blame(_entry(plan, rec, t["layer"], g), base, err, chosen, temperature,
+                                                metric))
                     bar.update()
         ranking = sorted(layer_entries + group_entries, key=lambda e: -e["blame"])
         key = "blame"
@@ -404,8 +409,8 @@ def diagnose(run: str | Path, samples: int = 32, out: str | Path | None = None, 
     from configs.loader import DATA_WITH_GARMENT_POS
 
     term = "position" if cfg.data.name in DATA_WITH_GARMENT_POS else "colour"
-    recommendation = recommend(by_layer, group_entries, rec.grids, ground_truth, term)
-    settings = {"run": str(ckpt.path), "step": ckpt.step, "samples": samples, "seeds": [seed, seed + samples - 1],
+    recommendation = recommend(by_layer, group_entries, rec.grids, ground_truth, term, metric)
+    settings = {"run": str(ckpt.path), "step": ckpt.step, "samples": samples, "metric": f"{metric}_error", "seeds": [seed, seed + samples - 1],
                 "sampling_steps": steps, "guidance_scale": sampler.guidance_scale, "time_groups": groups,
                 "top_layers": top_layers if ground_truth else 0, "repair": chosen if ground_truth else None,
                 "temperature": temperature if chosen == "temperature" else None, "split": "test",
@@ -440,7 +445,7 @@ def diagnose(run: str | Path, samples: int = 32, out: str | Path | None = None, 
 
 # ---------------------------------------------------------------------------- recommendation
 def recommend(by_layer: list[dict[str, Any]], group_entries: list[dict[str, Any]], grids: Mapping[str, str],
-              ground_truth: bool, term: str = "colour") -> dict[str, Any]:
+              ground_truth: bool, term: str = "colour", metric: str = "colour") -> dict[str, Any]:
     """The stability settings the ranking points to.
 
     Nothing when the top blame is within two standard errors of zero. Layers: the top layer,
@@ -461,8 +466,10 @@ def recommend(by_layer: list[dict[str, Any]], group_entries: list[dict[str, Any]
     if best <= 0 or best <= 2 * by_layer[0]["blame_se"]:
         # Within two standard errors of zero the top layer may be first by chance: say so rather
         # than send the user off to regularise a layer that is fine.
-        return {"term": None, "stability": {term: 0.0, "layers": None, "t_max": None},
-                "basis": "no layer's repair lowered the colour error by more than two standard errors "
+        # An empty group: merged over the user's configs it changes nothing (a weight of 0 here
+        # would switch off a term they already train with).
+        return {"term": None, "stability": {},
+                "basis": f"no layer's repair lowered the {metric} error by more than two standard errors "
                          f"(top: {best:.4g} ± {by_layer[0]['blame_se'] if by_layer else 0:.2g}): "
                          "nothing to regularise",
                 "layers_chosen": []}
@@ -487,7 +494,7 @@ def recommend(by_layer: list[dict[str, Any]], group_entries: list[dict[str, Any]
         blamed = sorted(g for g, v in per_group.items() if v > 0 and v >= SHARE * peak)
         if blamed[0] > 0:
             t_max = first_t[blamed[0]] + 1
-    basis = (f"repairing {', '.join(short_name(n) for n in chosen)} lowered the colour error by "
+    basis = (f"repairing {', '.join(short_name(n) for n in chosen)} lowered the {metric} error by "
              + ", ".join(format(e["blame"], ".4f") for e in by_layer if e["layer"] in chosen)
              + (f"; blamed time groups {blamed} (0 = noisiest)" if blamed else ""))
     return {"term": term, "stability": {term: weight, "layers": emitted, "t_max": t_max},

@@ -378,7 +378,8 @@ def test_recommendation_rules_and_the_snippet_loads(tmp_path):
     rec = recommend(layers, groups, grids, True)
     assert rec["stability"]["layers"] == ["c"] and rec["stability"]["t_max"] is None
     # the top blame within two standard errors of zero: nothing to regularise
-    assert recommend([_entry("c.processor", 0.001, se=0.001)], [], grids, True)["stability"]["layers"] is None
+    # (an empty stability group: merged over the user's configs it changes nothing)
+    assert recommend([_entry("c.processor", 0.001, se=0.001)], [], grids, True, "position")["stability"] == {}
     d = Diagnosis(ranking=[], layers=list(grids), time_groups=[], recommendation=recommend(layers, groups, grids, True),
                   ground_truth=True, notes=[], settings={"run": "runs/x", "samples": 4}, margin=0.004)
     (tmp_path / "rec.yaml").write_text(snippet(d))
@@ -460,3 +461,27 @@ def test_temperature_repair_end_to_end_matches_an_independent_resampling(run_dir
             out = sampler(ck.model, batch, seeds=list(range(SAMPLES))).images
         np.testing.assert_allclose((base - colour_error(out, batch["person"], batch["mask"])).numpy(),
                                    e["blame_samples"], atol=1e-5)
+
+
+def test_blame_on_the_pixel_error_and_an_empty_recommendation_changes_nothing(tmp_path):
+    """--metric pixel blames by the per-pixel error (patterns out of place), by hand; a "nothing to
+    regularise" recommendation merged over the default keeps the default's stability terms."""
+    from apps.diagnose import DiagnoseError, Diagnosis, _blame, diagnose, recommend
+    from apps.diagnose_report import snippet
+    from configs import load_config
+
+    base = {"colour_error": np.array([0.05, 0.05]), "pixel_error": np.array([0.3, 0.2])}
+    err = {"colour_error": np.array([0.05, 0.05]), "pixel_error": np.array([0.1, 0.1])}
+    e = _blame({}, base, err, "target", 0.5, metric="pixel")
+    assert e["blame"] == pytest.approx(0.15) and e["blame_metric"] == "pixel_error"
+    assert e["blame_se"] == pytest.approx(np.std([0.2, 0.1], ddof=1) / np.sqrt(2))
+    assert _blame({}, base, err, "target", 0.5)["blame"] == pytest.approx(0.0)  # colour: nothing fell
+    with pytest.raises(DiagnoseError, match="metric='ssim'"):
+        diagnose("runs/none", metric="ssim")
+
+    rec = recommend([_entry("c.processor", 0.001, se=0.001)], [], {"c.processor": "8x6"}, True, "position", "pixel")
+    assert "pixel error" in rec["basis"]
+    d = Diagnosis(ranking=[], layers=["c.processor"], time_groups=[], recommendation=rec, ground_truth=True, notes=[],
+                  settings={"run": "runs/x", "samples": 4}, margin=0.0)
+    (tmp_path / "rec.yaml").write_text(snippet(d))
+    assert load_config(files=[tmp_path / "rec.yaml"]).stability == load_config().stability
