@@ -121,7 +121,7 @@ def test_benchmark_configs_require_only_paths():
         assert cfg.data.name == name and cfg.data.resolution == [512, 384]
 
 
-@pytest.mark.parametrize("arm", ["refined", "finetune", "concentration", "authors", "anchored", "flow"])
+@pytest.mark.parametrize("arm", ["refined", "finetune", "concentration", "authors", "anchored", "flow", "recommended"])
 def test_experiment_arms_differ_from_the_baseline_only_in_the_stability_loss(arm):
     """Same seed, data, model and steps in every arm: the comparison is only about the loss."""
     from dataclasses import asdict
