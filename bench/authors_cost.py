@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from monitor import _rss_kib, machine  # noqa: E402  (bench/monitor.py)
-from step import SIZES  # noqa: E402  (bench/step.py: the same sizes as the stability-loss benchmark)
+from monitor import machine  # noqa: E402  (bench/monitor.py)
+from step import build_step, measure, run_workers  # noqa: E402  (bench/step.py: the same sizes and loop)
 
 MODES = ("plain", "authors")
 # The authors' layer in diffusers' names; at 16x12 queries in every size of bench/step.py.
@@ -40,30 +38,17 @@ AUTHORS_LAYER = "up_blocks.1.attentions.1.transformer_blocks.0.attn2.processor"
 
 
 def worker(size: str, device: str, steps: int, repeats: int, threads: int | None = None) -> dict:
-    import ctypes
-
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    from diffusers import UNet2DConditionModel
-
     from i2am import AttentionMonitor
     from i2am.dispersion import query_mask
     from losses.authors import authors_loss, grid_probabilities
-    from models.registry import unet_size
 
-    spec = SIZES[size]
-    kwargs = unet_size(spec["unet"]) if isinstance(spec["unet"], str) else dict(spec["unet"])
-    c, (h, w), b = spec["channels"], spec["latent"], spec["batch"]
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(in_channels=2 * c + 1, out_channels=c, **kwargs).to(device)
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
-    g = torch.Generator().manual_seed(0)
-    n_tok = spec["grid"][0] * spec["grid"][1]
-    x = torch.randn(b, 2 * c + 1, h, w, generator=g).to(device)
-    ctx = torch.randn(b, n_tok, kwargs["cross_attention_dim"], generator=g).to(device)
-    t = torch.randint(0, 1000, (b,), generator=g).to(device)
+    built = build_step(size, device)
+    spec, unet, opt, x, ctx, t = (built[k] for k in ("spec", "unet", "opt", "x", "ctx", "t"))
+    (h, w), b = spec["latent"], spec["batch"]
     # A worn-garment mask on the middle half of the torso, so the masks do real work.
     worn = torch.zeros(b, 1, h, w, device=device)
     worn[..., h // 4:3 * h // 4, w // 4:3 * w // 4] = 1
@@ -106,30 +91,8 @@ def worker(size: str, device: str, steps: int, repeats: int, threads: int | None
             if monitor is not None:
                 monitor.close()
 
-    for mode in MODES:  # warm-up
-        timed(mode)
-    samples: dict[str, list[float]] = {m: [] for m in MODES}
-    for _ in range(steps * repeats):  # interleaved, so slow drifts of a shared machine hit both alike
-        for mode in MODES:
-            samples[mode].append(timed(mode))
-    times = {m: statistics.median(v) for m, v in samples.items()}
-    peaks: dict[str, float] = {}
-    libc = ctypes.CDLL("libc.so.6")
-    if not cuda:
-        libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: blocks >= 64 KiB are mmapped and returned on free()
-    for _ in range(repeats):  # the lowest of `repeats` peaks: the RSS high-water mark is noisy
-        for mode in MODES:
-            if cuda:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-                timed(mode)
-                peak = torch.cuda.max_memory_allocated()
-            else:
-                libc.malloc_trim(0)
-                Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-                timed(mode)
-                peak = _rss_kib("VmHWM") * 1024
-            peaks[mode] = min(peaks.get(mode, peak), peak)
+    times, peaks = measure(MODES, timed, steps, repeats, cuda)
+    n_tok = spec["grid"][0] * spec["grid"][1]
     return {"size": size, "device": device, "batch": b, "times": times, "peaks": peaks,
             "tokens": n_tok, "heads": unet.get_submodule(AUTHORS_LAYER.removesuffix(".processor")).heads}
 
@@ -150,16 +113,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = ["toy"] + ([] if args.skip_large else ["sd15" if device == "cuda" else "sd15-reduced"])
     print(machine() + (f"; workers use {args.threads} torch thread(s)" if args.threads else ""))
-    rows = []
-    for size in sizes:
-        job = dict(size=size, device=device, steps=args.steps, repeats=args.repeats, threads=args.threads)
-        out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True,
-                             text=True, cwd=ROOT)
-        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            raise SystemExit(f"worker for {size} failed (exit status {out.returncode}; -9 is a kill, e.g. out of "
-                             f"memory):\n{out.stderr[-3000:]}")
-        rows.append(json.loads(line[7:]))
+    rows = run_workers(__file__, sizes, device=device, steps=args.steps, repeats=args.repeats, threads=args.threads)
     header = (f"{'size':<20} {'batch':>5} {'heads':>5} {'keys':>5} | {'plain ms':>9} {'authors ms':>10} {'×':>6} | "
               f"{'plain MiB':>9} {'authors MiB':>11} {'×':>6}")
     print(f"\none 16x12 layer, CWG + TV + DCML from explicit probabilities\n{header}\n{'-' * len(header)}")

@@ -60,19 +60,12 @@ SIZES = {
 MODES = ("plain", "fused", "colour", "2-call", "naive")
 
 
-def worker(size: str, device: str, steps: int, repeats: int, threads: int | None = None) -> dict:
-    import ctypes
-
+def build_step(size: str, device: str) -> dict:
+    """The UNet, its optimizer and one batch of random inputs for `size` (shared with
+    bench/authors_cost.py): keys spec, unet, opt, x, ctx, t, generator."""
     import torch
-
-    if threads:
-        torch.set_num_threads(threads)
     from diffusers import UNet2DConditionModel
 
-    from i2am import AttentionMonitor
-    from i2am.dispersion import colour_anchors
-    from configs.schema import StabilityConfig
-    from losses.stability import AttentionTargets, StabilityLoss
     from models.registry import unet_size
 
     spec = SIZES[size]
@@ -80,12 +73,78 @@ def worker(size: str, device: str, steps: int, repeats: int, threads: int | None
     c, (h, w), b = spec["channels"], spec["latent"], spec["batch"]
     torch.manual_seed(0)
     unet = UNet2DConditionModel(in_channels=2 * c + 1, out_channels=c, **kwargs).to(device)
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
     g = torch.Generator().manual_seed(0)
     n_tok = spec["grid"][0] * spec["grid"][1]
-    x = torch.randn(b, 2 * c + 1, h, w, generator=g).to(device)
-    ctx = torch.randn(b, n_tok, kwargs["cross_attention_dim"], generator=g).to(device)
-    t = torch.randint(0, 1000, (b,), generator=g).to(device)
+    return dict(spec=spec, unet=unet, opt=torch.optim.AdamW(unet.parameters(), lr=1e-5), generator=g,
+                x=torch.randn(b, 2 * c + 1, h, w, generator=g).to(device),
+                ctx=torch.randn(b, n_tok, kwargs["cross_attention_dim"], generator=g).to(device),
+                t=torch.randint(0, 1000, (b,), generator=g).to(device))
+
+
+def measure(modes: tuple[str, ...], timed, steps: int, repeats: int, cuda: bool
+            ) -> tuple[dict[str, float], dict[str, float]]:
+    """(median seconds per step, peak bytes) of each mode. ``timed(mode)`` runs one step with the
+    mode's set-up outside the timed part and returns the timed seconds. Modes take turns step by
+    step, so slow drifts of a shared machine hit every mode alike; peak memory afterwards, one
+    step per mode, lowest of `repeats` (the RSS high-water mark is noisy)."""
+    import ctypes
+
+    import torch
+
+    for mode in modes:  # warm-up
+        timed(mode)
+    samples: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(steps * repeats):
+        for mode in modes:
+            samples[mode].append(timed(mode))
+    times = {m: statistics.median(v) for m, v in samples.items()}
+    peaks: dict[str, float] = {}
+    libc = ctypes.CDLL("libc.so.6")
+    if not cuda:
+        libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: blocks >= 64 KiB are mmapped and returned on free()
+    for _ in range(repeats):
+        for mode in modes:
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                timed(mode)
+                peak = torch.cuda.max_memory_allocated()
+            else:
+                libc.malloc_trim(0)
+                Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+                timed(mode)
+                peak = _rss_kib("VmHWM") * 1024
+            peaks[mode] = min(peaks.get(mode, peak), peak)
+    return times, peaks
+
+
+def run_workers(script: str, sizes: list[str], **job) -> list[dict]:
+    """Run `script --worker` once per size, each in its own process; their RESULT rows."""
+    rows = []
+    for size in sizes:
+        out = subprocess.run([sys.executable, script, "--worker", json.dumps(dict(size=size, **job))],
+                             capture_output=True, text=True, cwd=ROOT)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            raise SystemExit(f"worker for {size} failed (exit status {out.returncode}; -9 is a kill, e.g. out of "
+                             f"memory):\n{out.stderr[-3000:]}")
+        rows.append(json.loads(line[7:]))
+    return rows
+
+
+def worker(size: str, device: str, steps: int, repeats: int, threads: int | None = None) -> dict:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from i2am import AttentionMonitor
+    from i2am.dispersion import colour_anchors
+    from configs.schema import StabilityConfig
+    from losses.stability import AttentionTargets, StabilityLoss
+
+    built = build_step(size, device)
+    spec, unet, opt, x, ctx, t, g = (built[k] for k in ("spec", "unet", "opt", "x", "ctx", "t", "generator"))
+    (h, w), b = spec["latent"], spec["batch"]
     mask = torch.ones(b, 1, h, w, device=device)
     # Image-size tensors for the colour term: garment, ground truth and a worn mask on the torso.
     image = (h * spec["factor"], w * spec["factor"])
@@ -124,46 +183,20 @@ def worker(size: str, device: str, steps: int, repeats: int, threads: int | None
         if cuda:
             torch.cuda.synchronize()
 
-    # Modes take turns step by step (the monitor attached and closed around each), so slow drifts
-    # of a shared machine hit every mode alike; each mode's time is the median of its steps.
-    samples: dict[str, list[float]] = {m: [] for m in MODES}
-    for mode in MODES:  # warm-up
+    def timed(mode: str) -> float:
+        """One step; the monitor is attached before and closed after the timed part."""
         monitor, loss_fn = setup(mode)
-        one_step(loss_fn, monitor, mode == "colour")
-        if monitor is not None:
-            monitor.close()
-    for _ in range(steps * repeats):
-        for mode in MODES:
-            monitor, loss_fn = setup(mode)
+        try:
             sync()
             t0 = time.perf_counter()
             one_step(loss_fn, monitor, mode == "colour")
             sync()
-            samples[mode].append(time.perf_counter() - t0)
+            return time.perf_counter() - t0
+        finally:
             if monitor is not None:
                 monitor.close()
-    times = {m: statistics.median(v) for m, v in samples.items()}
-    peaks = {}
-    libc = ctypes.CDLL("libc.so.6")
-    if not cuda:
-        libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: blocks >= 64 KiB are mmapped and returned on free()
-    for _ in range(repeats):  # the lowest of `repeats` peaks: the RSS high-water mark is noisy
-        for mode in MODES:
-            monitor, loss_fn = setup(mode)
-            if cuda:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-                one_step(loss_fn, monitor, mode == "colour")
-                sync()
-                peak = torch.cuda.max_memory_allocated()
-            else:
-                libc.malloc_trim(0)
-                Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-                one_step(loss_fn, monitor, mode == "colour")
-                peak = _rss_kib("VmHWM") * 1024
-            peaks[mode] = min(peaks.get(mode, peak), peak)
-            if monitor is not None:
-                monitor.close()
+
+    times, peaks = measure(MODES, timed, steps, repeats, cuda)
     return {"size": size, "device": device, "batch": b, "times": times, "peaks": peaks,
             "layers": sum(1 for n in unet.attn_processors if "attn2" in n)}
 
@@ -185,15 +218,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = ["toy"] + ([] if args.skip_large else ["sd15" if device == "cuda" else "sd15-reduced"])
     print(machine() + (f"; workers use {args.threads} torch thread(s)" if args.threads else ""))
-    rows = []
-    for size in sizes:
-        job = dict(size=size, device=device, steps=args.steps, repeats=args.repeats, threads=args.threads)
-        out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
-                             cwd=ROOT)
-        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            raise SystemExit(f"worker for {size} failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(line[7:]))
+    rows = run_workers(__file__, sizes, device=device, steps=args.steps, repeats=args.repeats, threads=args.threads)
     for what, key, unit, scale, fmt in (("time per step", "times", "ms", 1e3, ".1f"),
                                         ("peak memory", "peaks", "MiB", 2.0**-20, ".0f")):
         header = (f"{what + ' (' + unit + ')':<22} {'xattn':>5} {'batch':>5} | "
