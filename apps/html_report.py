@@ -132,9 +132,14 @@ def render_html(summary: dict[str, Any], folder: Path) -> str:
         "<p>Raw maps: <code>maps.safetensors</code> (<code>i2am.AttributionMaps.load</code>); "
         "numbers: <code>summary.json</code>.</p>",
     ]
+    return _page("I²AM report", body)
+
+
+def _page(title: str, body: list[str]) -> str:
+    """A whole HTML page: the report's style and script around ``body``'s parts."""
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>I²AM report</title><style>{_CSS}</style></head><body>"
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
             + "".join(body) + f"<script>{_SCRIPT}</script></body></html>")
 
 
@@ -187,10 +192,7 @@ def render_diagnosis_html(diagnosis: dict[str, Any], folder: Path) -> str:
         f"<pre><code>{html.escape(snippet)}</code></pre>",
         "<h2>Settings</h2>", settings,
     ]
-    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>I²AM diagnosis</title><style>{_CSS}</style></head><body>"
-            + "".join(body) + f"<script>{_SCRIPT}</script></body></html>")
+    return _page("I²AM diagnosis", body)
 
 
 def write_diagnosis_report(path: str | Path, diagnosis: dict[str, Any], folder: str | Path) -> None:
