@@ -63,6 +63,9 @@ class GarmentEncoderConfig:
     width: int = 64  # conv tokenizer channels
     downsample: int = 2  # conv tokenizer: stride-2 convolutions before pooling to the grid
     mixer_layers: int = 0  # conv tokenizer: transformer layers over the tokens (global view of the garment)
+    # conv tokenizer: learned tokens before the grid that carry no garment content, so a
+    # query with nothing to take from the garment (skin, background) can attend to them
+    null_tokens: int = 0
     pretrained: Optional[str] = None  # local CLIPVisionModel directory (kind=clip)
     clip_size: str = "tiny"  # config used when kind=clip and pretrained is None
     freeze_backbone: bool = True  # kind=clip: train only the projection

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -151,24 +151,29 @@ class StepGate:
 
 
 @contextlib.contextmanager
-def repaired(unet: Any, layer: str, *, steps: set[int] | None = None, temperature: float = 1.0,
+def repaired(unet: Any, layer: str | Sequence[str], *, steps: set[int] | None = None, temperature: float = 1.0,
              target: AttentionTarget | None = None, reference_grid: tuple[int, int] | None = None,
-             extra_tokens: int = 0, keep_probs: bool = False) -> Iterator[RepairProcessor]:
+             extra_tokens: int = 0, keep_probs: bool = False) -> Iterator[Any]:
     """Inside the block, ``layer`` (a processor name, with or without ``.processor``) of ``unet``
     runs the repaired attention on the UNet calls numbered in ``steps`` (0 = the first call inside
-    the block; None = all), its original processor elsewhere. Restored on exit, also on errors."""
-    name = layer if layer.endswith(".processor") else layer + ".processor"
+    the block; None = all), its original processor elsewhere. Restored on exit, also on errors.
+    Yields the :class:`RepairProcessor`; given a sequence of layers, all of them are repaired
+    together (a joint repair) and the block yields their processors in that order."""
+    names = [layer] if isinstance(layer, str) else list(layer)
+    names = [n if n.endswith(".processor") else n + ".processor" for n in names]
     original = dict(unet.attn_processors)
-    if name not in original:
-        raise KeyError(f"unknown attention layer {layer!r}; e.g. {list(original)[:3]}")
+    for name in names:
+        if name not in original:
+            raise KeyError(f"unknown attention layer {name.removesuffix('.processor')!r}; e.g. {list(original)[:3]}")
     gate = StepGate(steps)
-    proc = RepairProcessor(original[name], temperature=temperature, target=target, reference_grid=reference_grid,
-                           extra_tokens=extra_tokens, latent_grid=lambda: gate.latent_grid, gate=gate,
-                           keep_probs=keep_probs)
+    procs = {name: RepairProcessor(original[name], temperature=temperature, target=target,
+                                   reference_grid=reference_grid, extra_tokens=extra_tokens,
+                                   latent_grid=lambda: gate.latent_grid, gate=gate, keep_probs=keep_probs)
+             for name in names}
     hook = unet.register_forward_pre_hook(gate.pre_hook, with_kwargs=True)
-    unet.set_attn_processor({n: (proc if n == name else p) for n, p in original.items()})
+    unet.set_attn_processor({n: procs.get(n, p) for n, p in original.items()})
     try:
-        yield proc
+        yield procs[names[0]] if isinstance(layer, str) else [procs[n] for n in names]
     finally:
         hook.remove()
         unet.set_attn_processor(dict(original))  # diffusers pops from the dict it is given

@@ -22,7 +22,7 @@ def build_model(cfg: ModelConfig) -> TryOnModel:
     garment = build_garment_encoder(
         cfg.garment.kind, unet.config.cross_attention_dim, tuple(cfg.garment.grid), cfg.garment.width,
         cfg.garment.pretrained, cfg.garment.clip_size, cfg.garment.freeze_backbone,
-        cfg.garment.downsample, cfg.garment.mixer_layers,
+        cfg.garment.downsample, cfg.garment.mixer_layers, cfg.garment.null_tokens,
     )
     return TryOnModel(codec, unet, garment, use_pose=cfg.unet.use_pose, mask_coords=cfg.unet.mask_coords)
 

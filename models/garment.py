@@ -40,13 +40,21 @@ class ConvTokenizer(GarmentEncoder):
     Why the mixer: a token's convolutional receptive field covers a few pixels, so it cannot
     tell where on the garment (relative to collar and hem) it sits, which a torso patch
     needs to find "its" cell; self-attention over the whole grid gives every token that
-    global view (real try-on models encode the garment with a whole UNet or ViT)."""
+    global view (real try-on models encode the garment with a whole UNet or ViT).
+
+    Why `null_tokens`: under the softmax every query takes a full unit of attention from
+    the garment, so arms, neck and background inside the inpainting mask must mix in some
+    garment colour. Learned content-free tokens before the grid (like CLIP's CLS or a
+    text encoder's start token) give those queries somewhere else to look; the monitor
+    treats them as extra tokens."""
 
     def __init__(self, grid: tuple[int, int], dim: int, width: int = 64, downsample: int = 2,
-                 mixer_layers: int = 0) -> None:
+                 mixer_layers: int = 0, null_tokens: int = 0) -> None:
         super().__init__()
+        if null_tokens < 0:
+            raise ValueError(f"model.garment.null_tokens must be >= 0, got {null_tokens}")
         self.reference_grid = (int(grid[0]), int(grid[1]))
-        self.extra_tokens = 0
+        self.extra_tokens = int(null_tokens)
         self.dim = dim
         layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1), nn.SiLU()]
         for _ in range(downsample):
@@ -59,12 +67,15 @@ class ConvTokenizer(GarmentEncoder):
             nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=2 * dim, dropout=0.0, activation="gelu",
                                        batch_first=True, norm_first=True)
             for _ in range(mixer_layers))
+        self.null = nn.Parameter(torch.randn(1, null_tokens, dim) * 0.02) if null_tokens else None
 
     def forward(self, garment: torch.Tensor) -> torch.Tensor:
         x = F.adaptive_avg_pool2d(self.features(garment), self.reference_grid)
         tokens = x.flatten(2).transpose(1, 2) + self.position  # (B, h_r*w_r, dim), row-major like the grid
         for layer in self.mixer:
             tokens = layer(tokens)
+        if self.null is not None:  # after the mixer: they must not become garment summaries
+            tokens = torch.cat([self.null.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         return self.norm(tokens)
 
 
@@ -109,9 +120,10 @@ class ClipGarmentEncoder(GarmentEncoder):
 
 def build_garment_encoder(kind: str, dim: int, grid: tuple[int, int], width: int = 64,
                           pretrained: str | None = None, clip_size: str = "tiny",
-                          freeze_backbone: bool = True, downsample: int = 2, mixer_layers: int = 0) -> GarmentEncoder:
+                          freeze_backbone: bool = True, downsample: int = 2, mixer_layers: int = 0,
+                          null_tokens: int = 0) -> GarmentEncoder:
     if kind == "conv":
-        return ConvTokenizer(grid, dim, width, downsample, mixer_layers)
+        return ConvTokenizer(grid, dim, width, downsample, mixer_layers, null_tokens)
     if kind == "clip":
         return ClipGarmentEncoder(dim, pretrained, clip_size, freeze_backbone)
     raise ValueError(f"unknown model.garment.kind {kind!r}; expected 'conv' or 'clip'")

@@ -137,6 +137,22 @@ def test_repaired_runs_only_on_the_chosen_calls_and_restores_the_processors():
     assert torch.equal(calls[0], plain) and torch.equal(calls[2], plain)
     assert not torch.allclose(calls[1], plain, atol=1e-4)  # the repaired call differs
     assert all(unet.attn_processors[n] is p for n, p in before.items())
+    # A joint repair of two layers is neither of the single ones, and every processor comes back.
+    first, last = [n for n in unet.attn_processors if "attn2" in n][0], layer
+    with torch.no_grad():
+        single = []
+        for name in (first, last):
+            with repaired(unet, name, temperature=0.2):
+                single.append(unet(x, t, encoder_hidden_states=tok).sample)
+        with repaired(unet, [first, last.removesuffix(".processor")], temperature=0.2) as procs:
+            joint = unet(x, t, encoder_hidden_states=tok).sample
+    assert len(procs) == 2 and procs[0] is not procs[1]
+    assert all(not torch.allclose(joint, s, atol=1e-4) for s in single)
+    assert all(unet.attn_processors[n] is p for n, p in before.items())
+    with pytest.raises(KeyError, match="unknown attention layer 'nope'"):
+        with repaired(unet, [first, "nope"]):
+            pass
+    assert all(unet.attn_processors[n] is p for n, p in before.items())
 
 
 def test_correlation_matches_scipy():

@@ -111,6 +111,28 @@ def test_garment_mixer_gives_tokens_a_global_view():
         assert (moved > 1e-4) == global_view, (layers, float(moved))
 
 
+def test_null_tokens_come_first_and_carry_no_garment():
+    """`model.garment.null_tokens=2`: two extra tokens before the grid, the same for every
+    garment (they see none of it), recorded as extra tokens for the monitor; the grid
+    tokens after them are still the garment's."""
+    torch.manual_seed(0)
+    enc = ConvTokenizer((8, 6), dim=32, width=16, null_tokens=2).eval()
+    assert enc.extra_tokens == 2 and enc.num_tokens == 2 + 48
+    g = torch.rand(2, 3, 32, 24) * 2 - 1
+    with torch.no_grad():
+        out = enc(g)
+    assert out.shape == (2, 50, 32)
+    torch.testing.assert_close(out[0, :2], out[1, :2])  # independent of the garment
+    expected_null = torch.nn.functional.layer_norm(enc.null[0], (32,), enc.norm.weight, enc.norm.bias)
+    torch.testing.assert_close(out[0, :2], expected_null)
+    assert (out[0, 2:] - out[1, 2:]).abs().max() > 1e-3  # the grid still depends on the garment
+    cfg = load_config(overrides=["model.unet.size=test", "model.garment.null_tokens=1"])
+    model = build_model(cfg.model)
+    assert model.extra_tokens == 1 and model.null_tokens.shape[1] == 1 + 48
+    with pytest.raises(ValueError, match="null_tokens"):
+        ConvTokenizer((8, 6), dim=32, null_tokens=-1)
+
+
 def test_dropped_garments_get_null_tokens(tiny_model):
     with torch.no_grad():
         tiny_model.null_tokens.normal_()
