@@ -14,6 +14,10 @@ config; a later invocation with the same config reuses them instead of training 
 first seed of each arm is still re-evaluated from its checkpoint, for the figures). So runs
 can be split over processes (`--seeds 0` in one, `--seeds 1,2` in another, the same `--out`)
 and one final invocation with every arm and seed writes the table.
+
+Fine-tune arms (`train.init_from`) name the run they start from with placeholders: `{out}`
+(the `--out` directory) and `{seed}` (this run's seed), e.g. `{out}/baseline/seed{seed}`,
+so each seed fine-tunes the baseline trained with the same seed.
 """
 from __future__ import annotations
 
@@ -213,6 +217,16 @@ def _cached(run_dir: Path, key: str, eval_samples: int) -> dict[str, float] | No
     return saved["result"]
 
 
+def arm_config(file: str | Path, out: Path, seed: int, overrides: list[str]):
+    """One run's config: the arm's file, the run's directory `<out>/<arm>/seed<seed>` and seed,
+    then the overrides; `{out}` and `{seed}` in `train.init_from` filled in."""
+    run_dir = Path(out) / Path(file).stem / f"seed{seed}"
+    cfg = load_config(files=[file], overrides=[f"train.output_dir={run_dir}", f"train.seed={seed}", *overrides])
+    if cfg.train.init_from:  # fine-tune arms start from the same seed's run of another arm
+        cfg.train.init_from = cfg.train.init_from.format(seed=seed, out=out)
+    return cfg
+
+
 def _seeds(text: str) -> list[int]:
     try:
         seeds = [int(v) for v in text.split(",") if v.strip()]
@@ -250,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         per_seed: dict[int, dict[str, float]] = {}
         for seed in args.seeds:
             run_dir = out / arm / f"seed{seed}"
-            cfg = load_config(files=[file], overrides=[f"train.output_dir={run_dir}", f"train.seed={seed}", *overrides])
+            cfg = arm_config(file, out, seed, overrides)
             key = _config_key(cfg)
             cached = _cached(run_dir, key, args.eval_samples)
             if cached is not None and seed != args.seeds[0]:

@@ -111,6 +111,10 @@ class TrainConfig:
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
     seed: int = 0
     resume: Optional[str] = None  # "latest" or a checkpoint path
+    # Fine-tune: start from the model weights (the EMA weights it evaluates with) of another run's
+    # checkpoint, or its run directory's latest; optimizer, LR schedule and step start fresh.
+    # Ignored once this run has checkpoints of its own (train.resume picks those up).
+    init_from: Optional[str] = None
     checkpoint_every: int = 250
     checkpoint_limit: int = 2
     log_every: int = 25

@@ -135,6 +135,22 @@ def test_experiment_arms_differ_from_the_baseline_only_in_the_stability_loss(arm
         {k: v for k, v in base["train"].items() if k != "output_dir"}
 
 
+@pytest.mark.parametrize("arm", ["tune_every", "tune_recommended"])
+def test_fine_tune_arms_differ_from_their_control_only_in_the_stability_loss(arm):
+    """The diagnosis experiment's fine-tune arms: same start (the baseline of the run's seed),
+    steps and schedule as tune_baseline; the control has no stability term."""
+    from dataclasses import asdict
+
+    base = asdict(load_config(files=["configs/experiments/tune_baseline.yaml"]))
+    other = asdict(load_config(files=[f"configs/experiments/{arm}.yaml"]))
+    assert base["stability"]["position"] == 0 and other["stability"]["position"] > 0
+    assert base["train"]["init_from"] == "{out}/baseline/seed{seed}"
+    for section in ("data", "model", "diffusion", "optim"):
+        assert other[section] == base[section], section
+    assert {k: v for k, v in other["train"].items() if k != "output_dir"} == \
+        {k: v for k, v in base["train"].items() if k != "output_dir"}
+
+
 # ------------------------------------------------------------------ command line and YAML spellings
 def test_config_file_and_overrides_in_any_order(tmp_path):
     """`launch/slurm.sh` puts `train.resume=latest` before the user's `--config FILE key=value`."""

@@ -33,3 +33,14 @@ def test_seeds_are_one_comma_separated_value():
     for bad in ("a,b", "1,1", ""):
         with pytest.raises(argparse.ArgumentTypeError):
             _seeds(bad)
+
+
+def test_arm_config_fills_the_fine_tune_start_for_each_seed(tmp_path):
+    """A fine-tune arm starts each seed from that seed's baseline run under --out."""
+    from apps.experiment import arm_config
+
+    cfg = arm_config("configs/experiments/tune_every.yaml", tmp_path / "out", 2, ["train.max_steps=7"])
+    assert cfg.train.init_from == f"{tmp_path / 'out'}/baseline/seed2"
+    assert cfg.train.output_dir == str(tmp_path / "out" / "tune_every" / "seed2")
+    assert cfg.train.seed == 2 and cfg.train.max_steps == 7
+    assert arm_config("configs/experiments/baseline.yaml", tmp_path, 0, []).train.init_from is None

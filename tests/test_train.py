@@ -106,6 +106,43 @@ def test_a_checkpoint_without_the_schedule_state_resumes_it_at_its_step(tmp_path
     assert [g["lr"] for g in resumed.optimizer.param_groups] == pytest.approx([1e-3])
 
 
+def test_init_from_fine_tunes_a_trained_run_from_its_evaluated_weights(tmp_path, capsys):
+    """train.init_from: the new run starts at step 0 (fresh schedule) from the EMA weights the
+    source checkpoint saved in model/; its own checkpoints take over on resume; a model that
+    does not fit, or a path that is no checkpoint, is a clear error naming the path."""
+    from train.checkpoint import CheckpointError
+
+    source = Trainer(load_config(overrides=tiny_overrides(tmp_path / "src", **{"train.max_steps": 3})))
+    source.fit()
+    source.close()
+    saved = load_checkpoint(tmp_path / "src" / "run").model.state_dict()
+
+    over = tiny_overrides(tmp_path / "ft", **{"train.init_from": str(tmp_path / "src" / "run"),
+                                              "train.max_steps": 2, "train.checkpoint_every": 1,
+                                              "train.resume": "latest"})
+    ft = Trainer(load_config(overrides=over))
+    assert "train.init_from: starting from the model weights of" in capsys.readouterr().out
+    start = ft.unwrapped.state_dict()
+    for k, v in saved.items():
+        torch.testing.assert_close(start[k], v, rtol=0, atol=0, msg=k)
+    ft.fit(stop_at=1)
+    ft.close()
+    assert ft.history[0]["step"] == 1 and ft.lr_scheduler.last_epoch == 1
+    after_one = _params(ft)
+    again = Trainer(load_config(overrides=over))  # resumes its own step-1 checkpoint, not the source
+    assert again.step == 0 and "starting from the model weights" not in capsys.readouterr().out
+    again.fit()
+    assert again.history[0]["step"] == 2
+    assert any(not torch.equal(after_one[k], saved[k]) for k in saved)
+
+    wider = tiny_overrides(tmp_path / "bad", **{"train.init_from": str(tmp_path / "src" / "run"),
+                                                "model.garment.width": 32})
+    with pytest.raises(CheckpointError, match=r"do not fit this run's model .*config\.yaml"):
+        Trainer(load_config(overrides=wider))
+    with pytest.raises(CheckpointError, match=r"train.init_from=.*nowhere.*neither a checkpoint"):
+        Trainer(load_config(overrides=tiny_overrides(tmp_path / "bad2", **{"train.init_from": str(tmp_path / "nowhere")})))
+
+
 class _Randomised(torch.utils.data.Dataset):
     """A data set that draws from torch's global generator, as real-data augmentation does."""
 

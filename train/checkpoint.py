@@ -163,6 +163,23 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{p} is neither a checkpoint (config.yaml + model/) nor a run directory (checkpoints/)")
 
 
+def init_weights(model: TryOnModel, path: str | Path) -> Path:
+    """Load the model weights of a checkpoint (or a run directory's latest) into ``model``, to
+    fine-tune it (``train.init_from``). The architectures must match; a mismatch names both."""
+    try:
+        ckpt = resolve_checkpoint(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"train.init_from={str(path)!r}: {err}") from None
+    try:
+        model.load_pretrained(ckpt / "model")
+    except RuntimeError as err:  # load_state_dict: missing/unexpected keys or shape mismatches
+        raise CheckpointError(
+            f"train.init_from={str(path)!r}: the weights in {ckpt / 'model'} do not fit this run's model "
+            f"(compare the model section of {ckpt / 'config.yaml'} with this run's): {str(err).splitlines()[0]}"
+        ) from None
+    return ckpt
+
+
 @dataclass
 class LoadedCheckpoint:
     path: Path

@@ -32,7 +32,7 @@ from losses import DiffusionLoss, TryOnObjective
 from models import build_model
 from models.sampling import Sampler
 
-from .checkpoint import checkpoint_dir, resolve_resume, save_checkpoint
+from .checkpoint import checkpoint_dir, init_weights, resolve_resume, save_checkpoint
 from .data import build_dataset, build_loader, to_device
 from .distributed import check_launch
 from .monitoring import MonitorHooks
@@ -62,9 +62,11 @@ class Trainer:
         self.train_set = build_dataset(cfg.data, "train")
         self.val_set = build_dataset(cfg.data, "val")
         model = build_model(cfg.model)
+        self.resume_from = resolve_resume(self.run_dir, tc.resume)
+        if tc.init_from and self.resume_from is None:
+            acc.print(f"train.init_from: starting from the model weights of {init_weights(model, tc.init_from)}")
         # The I²AM monitor attaches to the UNet's cross-attention before DDP wraps the model.
         self.hooks = MonitorHooks(model, cfg.monitor, cfg.stability) if cfg.monitor.enabled else None
-        self.resume_from = resolve_resume(self.run_dir, tc.resume)
 
         sampler = Sampler.from_config(cfg.diffusion)
         self.noise_scheduler = sampler.train_scheduler  # training and sampling share one schedule
