@@ -249,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=_seeds, default=[0], help="train.seed of each run of every arm, e.g. 0,1,2")
     parser.add_argument("--out", default="runs/stability")
     parser.add_argument("--eval-samples", type=int, default=64)
+    parser.add_argument("--report", default="results", metavar="NAME",
+                        help="file names of the table and figures under --out: NAME.md, NAME.json, NAME_maps.png, "
+                             "NAME_samples.png (several experiments can share one --out)")
     parser.add_argument("--diagnose", type=int, default=0, metavar="N",
                         help="after each run, `python -m i2am diagnose` it on N held-out samples, into "
                              "<run>/diagnosis/ (0: off; docs/diagnose.md)")
@@ -296,12 +299,16 @@ def main(argv: list[str] | None = None) -> int:
         results[arm] = {"seeds": per_seed, **summarise(per_seed)}
     table = results_table(results, baselines)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps({"baselines": baselines, "arms": results}, indent=2))
-    save_png(comparison_figure(figures), out / "maps.png")
-    save_png(samples_figure(figures), out / "samples.png")
+    name = args.report
+    written = {"table": out / f"{name}.md", "json": out / f"{name}.json",
+               "maps": out / ("maps.png" if name == "results" else f"{name}_maps.png"),
+               "samples": out / ("samples.png" if name == "results" else f"{name}_samples.png")}
+    written["table"].write_text(table + "\n")
+    written["json"].write_text(json.dumps({"baselines": baselines, "arms": results}, indent=2))
+    save_png(comparison_figure(figures), written["maps"])
+    save_png(samples_figure(figures), written["samples"])
     print(table)
-    print(f"\nwritten: {out / 'results.md'}, {out / 'results.json'}, {out / 'maps.png'}, {out / 'samples.png'}")
+    print(f"\nwritten: {', '.join(str(f) for f in written.values())}")
     return 0
 
 

@@ -99,3 +99,13 @@ def test_experiment_runner_writes_one_table_for_both_arms(tmp_path):
     again = json.loads((tmp_path / "exp" / "results.json").read_text())["arms"]["baseline"]["seeds"]
     assert again["1"]["colour_error"] == 0.5 and {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()} == before
     assert again["0"] == per_seed_baseline
+
+    # A fine-tune arm starts from the same seed's baseline under --out; --report keeps its table apart.
+    first_table = (tmp_path / "exp" / "results.md").read_text()
+    assert main(["configs/experiments/tune_every.yaml", "--out", str(tmp_path / "exp"), "--eval-samples", "4",
+                 "--seeds", "1", "--report", "tune", *overrides]) == 0
+    assert (tmp_path / "exp" / "results.md").read_text() == first_table
+    assert "| tune_every (1 seed) |" in (tmp_path / "exp" / "tune.md").read_text()
+    assert (tmp_path / "exp" / "tune_maps.png").is_file() and (tmp_path / "exp" / "tune_samples.png").is_file()
+    tuned = load_config(files=[tmp_path / "exp" / "tune_every" / "seed1" / "config.yaml"])
+    assert tuned.train.init_from == str(tmp_path / "exp" / "baseline" / "seed1")
