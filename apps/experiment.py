@@ -199,22 +199,37 @@ def samples_figure(arms: Mapping[str, tuple], samples: int = 8) -> np.ndarray:
 
 def _config_key(cfg) -> str:
     """What a cached result must match: the resolved config, whatever `train.resume` says."""
-    import dataclasses
     import hashlib
+
+    return hashlib.sha256(json.dumps(_plain(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _plain(cfg) -> dict[str, Any]:
+    import dataclasses
 
     plain = dataclasses.asdict(cfg)
     plain["train"]["resume"] = None
-    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
+    return plain
 
 
-def _cached(run_dir: Path, key: str, eval_samples: int) -> dict[str, float] | None:
+def _cached(run_dir: Path, key: str, eval_samples: int, cfg=None) -> dict[str, float] | None:
+    """The run's cached held-out scores if they were measured on `eval_samples` samples of a run
+    with this config: the same key, or (a result cached before the schema gained keys, which
+    changes every key) the run's own config.yaml, read with today's schema defaults, equal to
+    `cfg`."""
     path = run_dir / "heldout.json"
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
-    if saved.get("config") != key or saved.get("eval_samples") != eval_samples:
+    if saved.get("eval_samples") != eval_samples:
         return None
-    return saved["result"]
+    if saved.get("config") == key:
+        return saved["result"]
+    if cfg is not None and (run_dir / "config.yaml").is_file():
+        trained = load_config(files=[run_dir / "config.yaml"])
+        if _plain(trained) == _plain(cfg):
+            return saved["result"]
+    return None
 
 
 def arm_config(file: str | Path, out: Path, seed: int, overrides: list[str]):
@@ -269,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = out / arm / f"seed{seed}"
             cfg = arm_config(file, out, seed, overrides)
             key = _config_key(cfg)
-            cached = _cached(run_dir, key, args.eval_samples)
+            cached = _cached(run_dir, key, args.eval_samples, cfg)
             if cached is not None and seed != args.seeds[0]:
                 per_seed[seed] = cached
                 print(f"{arm} seed {seed}: reusing {run_dir / 'heldout.json'}")

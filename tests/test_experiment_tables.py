@@ -44,3 +44,24 @@ def test_arm_config_fills_the_fine_tune_start_for_each_seed(tmp_path):
     assert cfg.train.output_dir == str(tmp_path / "out" / "tune_every" / "seed2")
     assert cfg.train.seed == 2 and cfg.train.max_steps == 7
     assert arm_config("configs/experiments/baseline.yaml", tmp_path, 0, []).train.init_from is None
+
+
+def test_a_result_cached_before_the_schema_grew_is_still_found(tmp_path):
+    """A new config key changes every config hash; a cached result still counts when the run's
+    own config.yaml, read with today's defaults, is the config asked for, and not otherwise."""
+    import json
+
+    from apps.experiment import _cached, _config_key, arm_config
+    from configs.loader import to_yaml
+
+    cfg = arm_config("configs/experiments/baseline.yaml", tmp_path, 0, [])
+    run = tmp_path / "baseline" / "seed0"
+    run.mkdir(parents=True)
+    (run / "heldout.json").write_text(json.dumps({"config": "an-old-hash", "eval_samples": 64,
+                                                  "result": {"pixel_error": 0.5}}))
+    assert _cached(run, _config_key(cfg), 64) is None  # no config to compare with
+    (run / "config.yaml").write_text(to_yaml(cfg).replace("  init_from: null\n", ""))  # as an older run wrote it
+    assert _cached(run, _config_key(cfg), 64, cfg) == {"pixel_error": 0.5}
+    assert _cached(run, _config_key(cfg), 32, cfg) is None  # other samples
+    other = arm_config("configs/experiments/baseline.yaml", tmp_path, 0, ["train.max_steps=7"])
+    assert _cached(run, _config_key(other), 64, other) is None
