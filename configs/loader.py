@@ -182,7 +182,7 @@ def validate(cfg: Config) -> None:
         )
     st = cfg.stability
     weights = {k: getattr(st, k) for k in ("dispersion", "atv", "concentration", "colour", "position",
-                                                    "flow", "cwg", "tv", "dcml")}
+                                                    "placement", "flow", "cwg", "tv", "dcml")}
     negative = [f"stability.{k}={v}" for k, v in weights.items() if v < 0]
     if negative:
         raise ConfigError(f"{', '.join(negative)}: stability weights must be >= 0")
@@ -191,11 +191,12 @@ def validate(cfg: Config) -> None:
         off = " ".join(f"stability.{k}=0" for k, v in weights.items() if v)
         raise ConfigError(f"stability loss weights are set ({on}) but monitor.enabled=false: the loss reads the "
                           f"monitor's statistics; to train without both, also pass {off}")
-    if st.position and cfg.data.name not in DATA_WITH_GARMENT_POS:
-        raise ConfigError(
-            f"stability.position={st.position} needs each worn pixel's true garment position (sample key "
-            f"'garment_pos'), which data.name={cfg.data.name!r} does not give (only {list(DATA_WITH_GARMENT_POS)} "
-            f"does); set stability.position=0, or use stability.colour, which every data set supports")
+    for key in ("position", "placement"):
+        if getattr(st, key) and cfg.data.name not in DATA_WITH_GARMENT_POS:
+            raise ConfigError(
+                f"stability.{key}={getattr(st, key)} needs each worn pixel's true garment position (sample key "
+                f"'garment_pos'), which data.name={cfg.data.name!r} does not give (only {list(DATA_WITH_GARMENT_POS)} "
+                f"does); set stability.{key}=0, or use stability.colour, which every data set supports")
     authors = [f"stability.{k}={getattr(st, k)}" for k in ("cwg", "tv", "dcml") if getattr(st, k)]
     if authors and st.authors_layers is None:
         grids = _query_grids(cfg)

@@ -165,6 +165,9 @@ class StabilityConfig:
     colour: float = 0.0
     # position-anchored attention variance E_A||p - p*||^2 (needs sample["garment_pos"]: the synthetic set)
     position: float = 0.0
+    # position-anchored R2G: each garment cell's attention over the person (softmax over queries)
+    # around where that cell is worn, E||x - x*_j||^2 (needs sample["garment_pos"]: the synthetic set)
+    placement: float = 0.0
     layers: Optional[List[str]] = None  # names or resolution levels like "16x12"; None = all monitored
     # The peers' recipes (docs/stability.md), each on its own layers; `t_max` and `warmup_steps` gate them too.
     # Leffa's flow loss: the garment warped by the attention centres vs the person (Leffa: 1e-3, t_max=500)

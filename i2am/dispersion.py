@@ -223,6 +223,34 @@ def position_variance(mu: torch.Tensor, var: torch.Tensor, target: torch.Tensor)
     return var + (mu - target.float().unsqueeze(1)).square().sum(-1)
 
 
+def worn_places(garment_pos: torch.Tensor, worn: torch.Tensor, reference_grid: tuple[int, int]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each garment cell is worn: ((B, h_r * w_r, 2) the mean person position (y, x), relative
+    to the image, of the worn pixels whose garment position falls in the cell; (B, h_r * w_r) bool,
+    the cells that some worn pixel shows). From ``garment_pos`` (B, 2, H, W) and ``worn`` (B, 1, H, W)."""
+    b, _, h, w = garment_pos.shape
+    hr, wr = reference_grid
+    pos = garment_pos.float().flatten(2)  # (B, 2, H*W)
+    on = worn.reshape(b, h * w) > 0.5
+    cell = ((pos[:, 0] * hr).long().clamp(0, hr - 1) * wr + (pos[:, 1] * wr).long().clamp(0, wr - 1))
+    cell = torch.where(on, cell, torch.zeros_like(cell))
+    here = cell_centres((h, w), garment_pos.device).unsqueeze(0).expand(b, -1, -1)  # (B, H*W, 2)
+    weight = on.float()
+    sums = torch.zeros(b, hr * wr, 2, device=garment_pos.device).scatter_add_(
+        1, cell.unsqueeze(-1).expand(-1, -1, 2), here * weight.unsqueeze(-1))
+    counts = torch.zeros(b, hr * wr, device=garment_pos.device).scatter_add_(1, cell, weight)
+    return sums / counts.clamp(min=1).unsqueeze(-1), counts > 0
+
+
+def r2g_moments(query: torch.Tensor, key: torch.Tensor, scale: float, query_grid: tuple[int, int],
+                extra_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The R2G direction's moments, fused: for each grid key j, the centre (B, h, N_grid, 2) and
+    dispersion (B, h, N_grid) over the query grid of softmax_i(k_j . q_i): where that garment cell's
+    attention lands on the generated image. One SDPA call with the roles of q and k swapped."""
+    k = key[:, :, extra_tokens:]
+    return attention_moments(k, query, scale, query_grid, 0)
+
+
 def centre_error(mu: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """||mu_i - p*_i|| per (B, heads, N_q), in garment-image units (relative coordinates)."""
     return (mu - target.float().unsqueeze(1)).square().sum(-1).sqrt()

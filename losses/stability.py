@@ -12,6 +12,8 @@ patches) and fixed it with a loss that stabilises attention. Terms:
   attended cells around the true colour y_i), over the worn-garment queries;
 - `position`: position-anchored variance E_A||p - p*_i||^2 = Var_i + ||mu_i - p*_i||^2
   around the true garment position p*_i (data with `garment_pos`: the synthetic set).
+- `placement`: the same in the R2G direction, E||x - x*_j||^2 under each garment cell's
+  softmax over the generated positions, around where the cell is worn, x*_j (synthetic).
 
 Two peers' recipes, each on its own layers (`RECIPES`; the pure functions are in
 `losses.flow` and `losses.authors`):
@@ -46,7 +48,7 @@ from configs.schema import StabilityConfig
 from i2am.names import short_name
 from i2am.dispersion import (anchored_variance, atv, attention_anchored, attention_anchored_explicit,
                              attention_moments, attention_moments_explicit, centre_error, concentration, masked_mean,
-                             pool_to_grid, position_variance, query_mask)
+                             pool_to_grid, position_variance, query_mask, r2g_moments, worn_places)
 
 from .authors import authors_layers, authors_loss, grid_probabilities
 from .flow import flow_loss, keep_samples
@@ -107,6 +109,19 @@ class AttentionTargets:
             self._grids[grid] = (worn, colour, pos)
         return self._grids[grid]
 
+    def places(self, reference_grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(where each garment cell is worn (B, N_grid, 2), relative (y, x) on the person; the
+        cells some worn pixel shows, of the samples kept (B, N_grid) bool): the placement
+        term's targets (`i2am.dispersion.worn_places`). Computed once per reference grid."""
+        key = ("places", tuple(reference_grid))
+        if key not in self._grids:
+            with torch.no_grad():
+                places, valid = worn_places(self.garment_pos, self.worn, tuple(reference_grid))
+                if self.keep is not None:
+                    valid = valid & self.keep.to(valid.device).view(-1, 1)
+            self._grids[key] = (places, valid)
+        return self._grids[key]
+
 
 class StabilityLoss:
     """`loss(last_attention, latent_mask, timesteps, step, targets) -> (loss, metrics)`.
@@ -138,7 +153,7 @@ class StabilityLoss:
     @property
     def active(self) -> bool:
         t = self.terms
-        return bool(t.dispersion or t.atv or t.concentration or t.colour or t.position)
+        return bool(t.dispersion or t.atv or t.concentration or t.colour or t.position or t.placement)
 
     def _selected(self, stats: Mapping) -> list[str]:
         return list(stats) if self.selectors is None else _match(stats, self.selectors, "stability.layers")
@@ -169,8 +184,8 @@ class StabilityLoss:
         warm = step >= self.warmup_steps
         recipes = self._recipe_layers(last, targets) if warm and self.recipes else {}
         recipe_sums: dict[Recipe, torch.Tensor] = {}
-        if self.terms.position and targets is not None and targets.garment_pos is None:
-            raise ValueError("stability.position > 0 needs each worn pixel's true garment position (sample key "
+        if (self.terms.position or self.terms.placement) and targets is not None and targets.garment_pos is None:
+            raise ValueError("stability.position or stability.placement > 0 needs each worn pixel's true garment position (sample key "
                              "'garment_pos', which only the synthetic set gives); this batch has none")
         readings: dict[str, dict[str, torch.Tensor]] = {"dispersion": {}, "colour_var": {}, "centre_error": {}}
         for name, s in last.items():
@@ -253,6 +268,15 @@ class StabilityLoss:
                 pvar = masked_mean(position_variance(mu, var, pos), worn)
                 metrics[f"loss/position/{short}"] = pvar.detach()
                 term = term + self.terms.position * pvar
+        if want_grad and self.terms.placement and pos is not None:
+            places, valid = targets.places(s.reference_grid)
+            if window is not None:
+                valid = valid & window
+            mu_r, var_r = r2g_moments(s.query, s.key, s.scale, s.grid, s.extra_tokens)
+            place = masked_mean(position_variance(mu_r, var_r, places), valid)
+            metrics[f"loss/placement/{short}"] = place.detach()
+            metrics[f"i2am/placement_error/{short}"] = masked_mean(centre_error(mu_r.detach(), places), valid)
+            term = term + self.terms.placement * place
         return term
 
     def _flow(self, name: str, s, mu: torch.Tensor, targets: AttentionTargets, keep: torch.Tensor | None,
@@ -295,7 +319,7 @@ class StabilityLoss:
 def describe(cfg: StabilityConfig) -> str:
     """One line for the run summary: which terms are on, at what weight, where and when;
     "off" when none is."""
-    own = [k for k in ("dispersion", "atv", "concentration", "colour", "position") if getattr(cfg, k)]
+    own = [k for k in ("dispersion", "atv", "concentration", "colour", "position", "placement") if getattr(cfg, k)]
     parts = []
     if own:
         layers = ", ".join(cfg.layers) if cfg.layers else "every monitored layer"

@@ -122,6 +122,10 @@ def test_position_on_data_without_garment_positions_is_a_config_error(tmp_path):
         load_config(files=["configs/viton_hd.yaml"],
                     overrides=["data.root=/d", "model.codec.pretrained=/m", "model.unet.pretrained=/m",
                                "model.garment.pretrained=/c", "stability.position=0.1"])
+    with pytest.raises(ConfigError, match=r"stability.placement=0.2 needs .*garment_pos.*data.name='viton_hd'"):
+        load_config(files=["configs/viton_hd.yaml"],
+                    overrides=["data.root=/d", "model.codec.pretrained=/m", "model.unet.pretrained=/m",
+                               "model.garment.pretrained=/c", "stability.placement=0.2"])
     with pytest.raises(ConfigError, match="stability.colour=-1.0: stability weights must be >= 0"):
         load_config(overrides=["stability.colour=-1"])
     with pytest.raises(ConfigError, match="monitor.enabled=false"):

@@ -397,9 +397,58 @@ def test_position_on_a_batch_without_garment_positions_is_refused():
     grid, ref = (4, 3), (5, 4)
     q, k = _qk(grid=grid, ref=ref)
     _, person, worn, _ = _images()
-    with pytest.raises(ValueError, match="stability.position > 0 needs .*garment_pos"):
+    with pytest.raises(ValueError, match="stability.position or stability.placement > 0 needs .*garment_pos"):
         StabilityLoss(StabilityConfig(position=1.0))({"x": _layer(q, k, grid, ref, 1, None)}, None,
                                                      targets=AttentionTargets(person, worn))
+
+
+def test_worn_places_are_the_mean_person_position_of_each_cells_worn_pixels():
+    """Hand-worked: a 4x2 person, three worn pixels; two show garment cell 0, one cell 3."""
+    from i2am.dispersion import worn_places
+
+    pos, worn = torch.zeros(1, 2, 4, 2), torch.zeros(1, 1, 4, 2)
+    for (r, c), p in {(0, 0): (0.1, 0.1), (0, 1): (0.2, 0.3), (3, 1): (0.9, 0.9), (2, 0): (0.6, 0.1)}.items():
+        pos[0, :, r, c] = torch.tensor(p)
+        worn[0, 0, r, c] = float((r, c) != (2, 0))  # (2, 0) has a position but is not worn
+    places, valid = worn_places(pos, worn, (2, 2))
+    assert valid.tolist() == [[True, False, False, True]]
+    torch.testing.assert_close(places[0, 0], torch.tensor([0.125, 0.5]))  # pixel centres (0.125, 0.25|0.75)
+    torch.testing.assert_close(places[0, 3], torch.tensor([0.875, 0.75]))
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_placement_term_equals_the_explicit_r2g_formula_with_gradients(extra):
+    """placement = mean over (kept sample, head, worn garment cell j) of
+    sum_i softmax_i(k_j . q_i) ||x_i - x*_j||^2: x_i the query cell centres, x*_j the mean person
+    position of the worn pixels showing cell j; the guidance-dropped sample adds nothing."""
+    grid, ref, scale = (4, 3), (5, 4), 0.4
+    q, k = _qk(b=2, heads=3, grid=grid, ref=ref, extra=extra)
+    _, person, worn, pos = _images()
+    keep = torch.tensor([True, False])
+    layer = _layer(q, k, grid, ref, extra, None, scale)
+    fused, metrics = StabilityLoss(StabilityConfig(placement=1.0))(
+        {"up_blocks.1.attentions.0.x": layer}, None, targets=AttentionTargets(person, worn, pos, keep=keep))
+    x = torch.tensor([[(i // grid[1] + 0.5) / grid[0], (i % grid[1] + 0.5) / grid[1]] for i in range(12)])
+    terms, errors = [], []
+    for bi in (0,):
+        shown: dict[int, list[torch.Tensor]] = {}
+        for r in range(IMAGE[0]):
+            for c in range(IMAGE[1]):
+                if worn[bi, 0, r, c] > 0:
+                    j = min(int(pos[bi, 0, r, c] * ref[0]), ref[0] - 1) * ref[1] + min(int(pos[bi, 1, r, c] * ref[1]), ref[1] - 1)
+                    shown.setdefault(j, []).append(torch.tensor([(r + 0.5) / IMAGE[0], (c + 0.5) / IMAGE[1]]))
+        a = torch.softmax((k[bi, :, extra:] @ q[bi].mT) * scale, dim=-1)  # (heads, N_grid, N_q): over queries
+        for h in range(3):
+            for j, where in shown.items():
+                target = torch.stack(where).mean(0)
+                terms.append((a[h, j] * (x - target).square().sum(-1)).sum())
+                errors.append(((a[h, j, :, None] * x).sum(0) - target).norm())
+    explicit = torch.stack(terms).mean()
+    assert len(terms) > 9 and torch.allclose(fused, explicit, atol=1e-5)
+    assert float(metrics["loss/placement/up1.0"]) == pytest.approx(float(explicit.detach()), abs=1e-5)
+    assert float(metrics["i2am/placement_error/up1.0"]) == pytest.approx(float(torch.stack(errors).mean()), abs=1e-5)
+    for got, want in zip(torch.autograd.grad(fused, (q, k)), torch.autograd.grad(explicit, (q, k))):
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
 def test_anchored_colours_in_bfloat16_stay_close_to_float32():
