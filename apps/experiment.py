@@ -215,8 +215,7 @@ def _plain(cfg) -> dict[str, Any]:
 def _cached(run_dir: Path, key: str, eval_samples: int, cfg=None) -> dict[str, float] | None:
     """The run's cached held-out scores if they were measured on `eval_samples` samples of a run
     with this config: the same key, or (a result cached before the schema gained keys, which
-    changes every key) the run's own config.yaml, read with today's schema defaults, equal to
-    `cfg`."""
+    changes every key) the run's own config.yaml matching `cfg` (`_same_run`)."""
     path = run_dir / "heldout.json"
     if not path.is_file():
         return None
@@ -225,11 +224,30 @@ def _cached(run_dir: Path, key: str, eval_samples: int, cfg=None) -> dict[str, f
         return None
     if saved.get("config") == key:
         return saved["result"]
-    if cfg is not None and (run_dir / "config.yaml").is_file():
-        trained = load_config(files=[run_dir / "config.yaml"])
-        if _plain(trained) == _plain(cfg):
-            return saved["result"]
+    if cfg is not None and (run_dir / "config.yaml").is_file() and _same_run(run_dir / "config.yaml", cfg):
+        return saved["result"]
     return None
+
+
+def _same_run(saved_yaml: Path, cfg) -> bool:
+    """Whether a run's saved (fully resolved) config.yaml is `cfg`: every key it has is equal,
+    and every key it lacks (added to the schema since) is at its schema default in `cfg`, which
+    is how the run behaved without it."""
+    from omegaconf import OmegaConf
+
+    from configs.schema import Config
+
+    saved = OmegaConf.to_container(OmegaConf.load(saved_yaml))
+    saved.setdefault("train", {})["resume"] = None
+    want, defaults = _plain(cfg), _plain(Config())
+
+    def same(a: Any, b: Any, d: Any) -> bool:
+        if isinstance(b, dict):
+            return all(same(a[k], b[k], d.get(k) if isinstance(d, dict) else None) if k in a else b[k] == d.get(k)
+                       for k in b) and set(a) <= set(b)
+        return a == b
+
+    return same(saved, want, defaults)
 
 
 def arm_config(file: str | Path, out: Path, seed: int, overrides: list[str]):

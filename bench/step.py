@@ -15,6 +15,11 @@ Side by side in one invocation, for each size:
   ride along as four more value columns (`monitor.set_anchors`), the targets
   (true colours and worn mask pooled to each query grid) are built every step,
   as `losses.objective.TryOnObjective` does;
+* anchored: the default run's recipe, the position-anchored terms in both directions
+  on every cross-attention layer (`position`: each worn query's attention over the garment
+  around its true garment position, from the fused moments; `placement`: each garment
+  cell's attention over the image around where it is worn, one more SDPA call per layer
+  with q and k swapped), the targets built every step;
 * 2-call: the dispersion statistics from a second, separate fused SDPA call on the
   kept q/k (what a layer with a non-default processor gets);
 * naive: the same loss from explicit softmax probabilities kept for backward
@@ -57,7 +62,7 @@ SIZES = {
                                    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32),
                          latent=(64, 48), grid=(32, 24), batch=1, channels=4, factor=8),
 }
-MODES = ("plain", "fused", "colour", "2-call", "naive")
+MODES = ("plain", "fused", "colour", "anchored", "2-call", "naive")
 
 
 def build_step(size: str, device: str) -> dict:
@@ -152,17 +157,25 @@ def worker(size: str, device: str, steps: int, repeats: int, threads: int | None
     person = (torch.rand(b, 3, *image, generator=g) * 2 - 1).to(device)
     worn = torch.zeros(b, 1, *image, device=device)
     worn[..., image[0] // 4:3 * image[0] // 4, image[1] // 4:3 * image[1] // 4] = 1
+    # Garment positions of the worn pixels: the torso box maps onto the whole garment image.
+    ys = torch.linspace(0, 1, image[0] // 2, device=device)
+    xs = torch.linspace(0, 1, image[1] // 2, device=device)
+    garment_pos = torch.zeros(b, 2, *image, device=device)
+    garment_pos[:, :, image[0] // 4:image[0] // 4 + len(ys), image[1] // 4:image[1] // 4 + len(xs)] = torch.stack(
+        torch.meshgrid(ys, xs, indexing="ij"))
     cuda = device == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
-    def one_step(loss_fn, monitor, colour: bool) -> None:
+    def one_step(loss_fn, monitor, mode: str) -> None:
+        colour = mode == "colour"
         if colour:  # what the objective does per step: anchors before the forward, targets after
             monitor.set_anchors(colour_anchors(garment, spec["grid"]))
         with autocast:
             out = unet(x, t, encoder_hidden_states=ctx).sample
             loss = out.float().square().mean()
             if loss_fn is not None:
-                targets = AttentionTargets(person, worn) if colour else None
+                targets = (AttentionTargets(person, worn) if colour
+                           else AttentionTargets(person, worn, garment_pos) if mode == "anchored" else None)
                 extra, _ = loss_fn(monitor.last_attention(), mask, t, targets=targets)
                 loss = loss + extra
         loss.backward()
@@ -174,9 +187,10 @@ def worker(size: str, device: str, steps: int, repeats: int, threads: int | None
     def setup(mode: str):
         if mode == "plain":
             return None, None
-        monitor = AttentionMonitor(unet, spec["grid"], keep_last=True, moments=mode in ("fused", "colour"),
-                                   record=False)
-        cfg = StabilityConfig(colour=1.0) if mode == "colour" else StabilityConfig(dispersion=1.0)
+        fused = mode in ("fused", "colour", "anchored")
+        monitor = AttentionMonitor(unet, spec["grid"], keep_last=True, moments=fused, record=False)
+        cfg = {"colour": StabilityConfig(colour=1.0),
+               "anchored": StabilityConfig(position=1.0, placement=1.0)}.get(mode, StabilityConfig(dispersion=1.0))
         return monitor, StabilityLoss(cfg, explicit=mode == "naive")
 
     def sync() -> None:
@@ -189,7 +203,7 @@ def worker(size: str, device: str, steps: int, repeats: int, threads: int | None
         try:
             sync()
             t0 = time.perf_counter()
-            one_step(loss_fn, monitor, mode == "colour")
+            one_step(loss_fn, monitor, mode)
             sync()
             return time.perf_counter() - t0
         finally:

@@ -24,9 +24,9 @@ def test_default_run_trains_with_the_anchored_recipe_and_the_baseline_without():
 
     default = asdict(load_config().stability)
     assert default == asdict(load_config(files=["configs/experiments/anchored.yaml"]).stability)
-    assert default["position"] > 0
+    assert default["position"] > 0 and default["placement"] > 0
     baseline = asdict(load_config(files=["configs/experiments/baseline.yaml"]).stability)
-    weights = ("dispersion", "atv", "concentration", "colour", "position", "flow", "cwg", "tv", "dcml")
+    weights = ("dispersion", "atv", "concentration", "colour", "position", "placement", "flow", "cwg", "tv", "dcml")
     assert all(baseline[k] == 0 for k in weights)
 
 
@@ -121,7 +121,8 @@ def test_benchmark_configs_require_only_paths():
         assert cfg.data.name == name and cfg.data.resolution == [512, 384]
 
 
-@pytest.mark.parametrize("arm", ["refined", "finetune", "concentration", "authors", "anchored", "flow", "recommended"])
+@pytest.mark.parametrize("arm", ["refined", "finetune", "concentration", "authors", "anchored", "position", "flow",
+                                 "recommended"])
 def test_experiment_arms_differ_from_the_baseline_only_in_the_stability_loss(arm):
     """Same seed, data, model and steps in every arm: the comparison is only about the loss."""
     from dataclasses import asdict
@@ -208,7 +209,7 @@ def test_string_keys_keep_numbers_and_words_as_written():
     assert (cfg.tracker.run_name, cfg.tracker.project, cfg.data.root) == ("on", "1e3", "yes")
     assert cfg.train.resume is None  # null is still "unset" for an Optional key
     # typed keys are unchanged: booleans and numbers are still parsed
-    cfg = load_config(overrides=["monitor.enabled=no", "stability.position=0", "data.use_pose=off", "optim.lr=1e-3",
+    cfg = load_config(overrides=["monitor.enabled=no", "stability.position=0", "stability.placement=0", "data.use_pose=off", "optim.lr=1e-3",
                                  "train.max_steps=9"])
     assert cfg.monitor.enabled is False and cfg.data.use_pose is False
     assert cfg.optim.lr == pytest.approx(1e-3) and cfg.train.max_steps == 9
@@ -230,7 +231,7 @@ def test_unquoted_no_in_a_yaml_file_says_to_quote_it(tmp_path):
 def test_pose_settings_must_agree(tmp_path):
     """data.use_pose loads a pose image the UNet only uses with model.unet.use_pose (and the
     reverse needs the image): a mismatch is a config error before anything is built."""
-    real = ["data.name=viton_hd", f"data.root={tmp_path}", "stability.position=0"]
+    real = ["data.name=viton_hd", f"data.root={tmp_path}", "stability.position=0", "stability.placement=0", "stability.placement=0"]
     with pytest.raises(ConfigError) as err:
         load_config(overrides=[*real, "data.use_pose=true"])
     msg = str(err.value)
@@ -251,5 +252,5 @@ def test_pose_mismatch_stops_train_py_before_writing(tmp_path, capsys):
     spec.loader.exec_module(train_script)
     out = tmp_path / "run"
     code = train_script.main([f"train.output_dir={out}", "data.name=dresscode", f"data.root={tmp_path}",
-                              "data.use_pose=true", "stability.position=0"])
+                              "data.use_pose=true", "stability.position=0", "stability.placement=0", "stability.placement=0"])
     assert code == 2 and "model.unet.use_pose" in capsys.readouterr().err and not out.exists()

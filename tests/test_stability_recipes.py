@@ -216,7 +216,7 @@ def test_a_few_training_steps_with_every_recipe_term_on(tmp_path):
     from train import Trainer
 
     weights = {"stability.flow": 0.5, "stability.cwg": 2.0, "stability.tv": 0.1, "stability.dcml": 0.05,
-               "stability.position": 0}
+               "stability.position": 0, "stability.placement": 0}
     cfg = load_config(overrides=tiny_overrides(tmp_path, **weights, **{"train.max_steps": 3}))
     trainer = Trainer(cfg)
     seen = []
