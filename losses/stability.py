@@ -185,7 +185,8 @@ class StabilityLoss:
         recipes = self._recipe_layers(last, targets) if warm and self.recipes else {}
         recipe_sums: dict[Recipe, torch.Tensor] = {}
         if (self.terms.position or self.terms.placement) and targets is not None and targets.garment_pos is None:
-            raise ValueError("stability.position or stability.placement > 0 needs each worn pixel's true garment position (sample key "
+            raise ValueError("stability.position or stability.placement > 0 needs each worn pixel's true garment "
+                             "position (sample key "
                              "'garment_pos', which only the synthetic set gives); this batch has none")
         readings: dict[str, dict[str, torch.Tensor]] = {"dispersion": {}, "colour_var": {}, "centre_error": {}}
         for name, s in last.items():

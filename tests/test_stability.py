@@ -435,7 +435,8 @@ def test_placement_term_equals_the_explicit_r2g_formula_with_gradients(extra):
         for r in range(IMAGE[0]):
             for c in range(IMAGE[1]):
                 if worn[bi, 0, r, c] > 0:
-                    j = min(int(pos[bi, 0, r, c] * ref[0]), ref[0] - 1) * ref[1] + min(int(pos[bi, 1, r, c] * ref[1]), ref[1] - 1)
+                    row, col = int(pos[bi, 0, r, c] * ref[0]), int(pos[bi, 1, r, c] * ref[1])
+                    j = min(row, ref[0] - 1) * ref[1] + min(col, ref[1] - 1)
                     shown.setdefault(j, []).append(torch.tensor([(r + 0.5) / IMAGE[0], (c + 0.5) / IMAGE[1]]))
         a = torch.softmax((k[bi, :, extra:] @ q[bi].mT) * scale, dim=-1)  # (heads, N_grid, N_q): over queries
         for h in range(3):
