@@ -137,7 +137,8 @@ def run_workers(script: str, sizes: list[str], **job) -> list[dict]:
     return rows
 
 
-def worker(size: str, device: str, steps: int, repeats: int, threads: int | None = None) -> dict:
+def worker(size: str, device: str, steps: int, repeats: int, threads: int | None = None,
+           modes: tuple[str, ...] = MODES) -> dict:
     import torch
 
     if threads:
@@ -210,7 +211,7 @@ def worker(size: str, device: str, steps: int, repeats: int, threads: int | None
             if monitor is not None:
                 monitor.close()
 
-    times, peaks = measure(MODES, timed, steps, repeats, cuda)
+    times, peaks = measure(tuple(modes), timed, steps, repeats, cuda)
     return {"size": size, "device": device, "batch": b, "times": times, "peaks": peaks,
             "layers": sum(1 for n in unet.attn_processors if "attn2" in n)}
 
@@ -222,6 +223,8 @@ def main() -> None:
     parser.add_argument("--skip-large", action="store_true")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads in the workers (default: torch's); 1 is steadier on a busy machine")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help=f"comma-separated subset of {','.join(MODES)} (plain is always timed: the ratios' base)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -229,20 +232,25 @@ def main() -> None:
         return
     import torch
 
+    modes = tuple(m for m in MODES if m == "plain" or m in args.modes.split(","))
+    unknown = set(args.modes.split(",")) - set(MODES)
+    if unknown:
+        parser.error(f"--modes: unknown {sorted(unknown)}; choose from {','.join(MODES)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = ["toy"] + ([] if args.skip_large else ["sd15" if device == "cuda" else "sd15-reduced"])
     print(machine() + (f"; workers use {args.threads} torch thread(s)" if args.threads else ""))
-    rows = run_workers(__file__, sizes, device=device, steps=args.steps, repeats=args.repeats, threads=args.threads)
+    rows = run_workers(__file__, sizes, device=device, steps=args.steps, repeats=args.repeats, threads=args.threads,
+                       modes=modes)
     for what, key, unit, scale, fmt in (("time per step", "times", "ms", 1e3, ".1f"),
                                         ("peak memory", "peaks", "MiB", 2.0**-20, ".0f")):
         header = (f"{what + ' (' + unit + ')':<22} {'xattn':>5} {'batch':>5} | "
-                  + " ".join(f"{m:>8}" for m in MODES) + " | " + " ".join(f"{m + '×':>8}" for m in MODES[1:]))
+                  + " ".join(f"{m:>8}" for m in modes) + " | " + " ".join(f"{m + '×':>8}" for m in modes[1:]))
         print(f"\n{header}\n{'-' * len(header)}")
         for r in rows:
             v = r[key]
             print(f"{r['size'] + ' ' + r['device']:<22} {r['layers']:>5} {r['batch']:>5} | "
-                  + " ".join(f"{v[m] * scale:>8{fmt}}" for m in MODES) + " | "
-                  + " ".join(f"{v[m] / v['plain']:>8.3f}" for m in MODES[1:]))
+                  + " ".join(f"{v[m] * scale:>8{fmt}}" for m in modes) + " | "
+                  + " ".join(f"{v[m] / v['plain']:>8.3f}" for m in modes[1:]))
 
 if __name__ == "__main__":
     main()
