@@ -351,7 +351,7 @@ def test_position_term_and_centre_error_equal_the_explicit_formula_with_gradient
     explicit = torch.stack(terms).mean()
     assert torch.allclose(fused, explicit, atol=1e-5)
     assert float(metrics["loss/position/up1.0"]) == pytest.approx(float(explicit.detach()), abs=1e-5)
-    assert float(metrics["i2am/centre_error/up1.0"]) == pytest.approx(float(torch.stack(errors).mean()), abs=1e-5)
+    assert float(metrics["i2am/centre_error/up1.0"]) == pytest.approx(float(torch.stack(errors).mean().detach()), abs=1e-5)
     for x, y_ in zip(torch.autograd.grad(fused, (q, k)), torch.autograd.grad(explicit, (q, k))):
         assert (x - y_).abs().max() <= 1e-4 * y_.abs().max()
 
@@ -447,7 +447,7 @@ def test_placement_term_equals_the_explicit_r2g_formula_with_gradients(extra):
     explicit = torch.stack(terms).mean()
     assert len(terms) > 9 and torch.allclose(fused, explicit, atol=1e-5)
     assert float(metrics["loss/placement/up1.0"]) == pytest.approx(float(explicit.detach()), abs=1e-5)
-    assert float(metrics["i2am/placement_error/up1.0"]) == pytest.approx(float(torch.stack(errors).mean()), abs=1e-5)
+    assert float(metrics["i2am/placement_error/up1.0"]) == pytest.approx(float(torch.stack(errors).mean().detach()), abs=1e-5)
     for got, want in zip(torch.autograd.grad(fused, (q, k)), torch.autograd.grad(explicit, (q, k))):
         assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
