@@ -121,35 +121,35 @@ def test_benchmark_configs_require_only_paths():
         assert cfg.data.name == name and cfg.data.resolution == [512, 384]
 
 
-@pytest.mark.parametrize("arm", ["refined", "finetune", "concentration", "authors", "anchored", "position", "flow",
-                                 "recommended"])
-def test_experiment_arms_differ_from_the_baseline_only_in_the_stability_loss(arm):
-    """Same seed, data, model and steps in every arm: the comparison is only about the loss."""
+def _same_but_the_stability_loss(control: str, arm: str) -> tuple[dict, dict]:
+    """Both arms' configs, after checking that they differ only under `stability:` (and the run
+    directory): the same seed, data, model, schedule and steps."""
     from dataclasses import asdict
 
-    base = asdict(load_config(files=["configs/experiments/baseline.yaml"]))
+    base = asdict(load_config(files=[f"configs/experiments/{control}.yaml"]))
     other = asdict(load_config(files=[f"configs/experiments/{arm}.yaml"]))
     assert other["stability"] != base["stability"]
     for section in ("data", "model", "diffusion", "optim"):
         assert other[section] == base[section], section
     assert {k: v for k, v in other["train"].items() if k != "output_dir"} == \
         {k: v for k, v in base["train"].items() if k != "output_dir"}
+    return base, other
+
+
+@pytest.mark.parametrize("arm", ["refined", "finetune", "concentration", "authors", "anchored", "position", "flow",
+                                 "recommended"])
+def test_experiment_arms_differ_from_the_baseline_only_in_the_stability_loss(arm):
+    """Same seed, data, model and steps in every arm: the comparison is only about the loss."""
+    _same_but_the_stability_loss("baseline", arm)
 
 
 @pytest.mark.parametrize("arm", ["tune_every", "tune_recommended"])
 def test_fine_tune_arms_differ_from_their_control_only_in_the_stability_loss(arm):
     """The diagnosis experiment's fine-tune arms: same start (the baseline of the run's seed),
     steps and schedule as tune_baseline; the control has no stability term."""
-    from dataclasses import asdict
-
-    base = asdict(load_config(files=["configs/experiments/tune_baseline.yaml"]))
-    other = asdict(load_config(files=[f"configs/experiments/{arm}.yaml"]))
+    base, other = _same_but_the_stability_loss("tune_baseline", arm)
     assert base["stability"]["position"] == 0 and other["stability"]["position"] > 0
     assert base["train"]["init_from"] == "{out}/baseline/seed{seed}"
-    for section in ("data", "model", "diffusion", "optim"):
-        assert other[section] == base[section], section
-    assert {k: v for k, v in other["train"].items() if k != "output_dir"} == \
-        {k: v for k, v in base["train"].items() if k != "output_dir"}
 
 
 # ------------------------------------------------------------------ command line and YAML spellings
