@@ -232,8 +232,8 @@ def worn_places(garment_pos: torch.Tensor, worn: torch.Tensor, reference_grid: t
     hr, wr = reference_grid
     pos = garment_pos.float().flatten(2)  # (B, 2, H*W)
     on = worn.reshape(b, h * w) > 0.5
+    # Clamped, so every pixel names a valid cell; pixels off the garment add weight 0.
     cell = ((pos[:, 0] * hr).long().clamp(0, hr - 1) * wr + (pos[:, 1] * wr).long().clamp(0, wr - 1))
-    cell = torch.where(on, cell, torch.zeros_like(cell))
     here = cell_centres((h, w), garment_pos.device).unsqueeze(0).expand(b, -1, -1)  # (B, H*W, 2)
     weight = on.float()
     sums = torch.zeros(b, hr * wr, 2, device=garment_pos.device).scatter_add_(
