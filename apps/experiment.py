@@ -299,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         arm = Path(file).stem
         per_seed: dict[int, dict[str, float]] = {}
         for seed in args.seeds:
-            run_dir = out / arm / f"seed{seed}"
             cfg = arm_config(file, out, seed, overrides)
+            run_dir = Path(cfg.train.output_dir)
             key = _config_key(cfg)
             cached = _cached(run_dir, key, args.eval_samples, cfg)
             if cached is not None and seed != args.seeds[0]:
