@@ -198,17 +198,30 @@ def samples_figure(arms: Mapping[str, tuple], samples: int = 8) -> np.ndarray:
 
 
 def _config_key(cfg) -> str:
-    """What a cached result must match: the resolved config, whatever `train.resume` says."""
+    """What a cached result must match: the resolved config, less what cannot change the
+    trained model (`_plain`)."""
     import hashlib
 
     return hashlib.sha256(json.dumps(_plain(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
+# Keys that say how a run was watched or resumed, not what it trained: a run cached with
+# `tracker.kind=none train.cpu_threads=1` is the same run as one with W&B and every core.
+_NOT_THE_RUN = (("train", "resume"), ("train", "cpu_threads"), ("tracker", None))
+
+
 def _plain(cfg) -> dict[str, Any]:
     import dataclasses
 
-    plain = dataclasses.asdict(cfg)
-    plain["train"]["resume"] = None
+    return _without_bookkeeping(dataclasses.asdict(cfg))
+
+
+def _without_bookkeeping(plain: dict[str, Any]) -> dict[str, Any]:
+    for section, key in _NOT_THE_RUN:
+        if key is None:
+            plain.pop(section, None)
+        else:
+            plain.setdefault(section, {})[key] = None
     return plain
 
 
@@ -237,8 +250,7 @@ def _same_run(saved_yaml: Path, cfg) -> bool:
 
     from configs.schema import Config
 
-    saved = OmegaConf.to_container(OmegaConf.load(saved_yaml))
-    saved.setdefault("train", {})["resume"] = None
+    saved = _without_bookkeeping(OmegaConf.to_container(OmegaConf.load(saved_yaml)))
     want, defaults = _plain(cfg), _plain(Config())
 
     def same(a: Any, b: Any, d: Any) -> bool:

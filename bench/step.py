@@ -1,6 +1,7 @@
 """Cost of the stability loss per training step: plain vs fused vs naive.
 
-    python bench/step.py [--steps 10] [--repeats 3] [--skip-large] [--threads N]
+    python bench/step.py [--steps 10] [--repeats 3] [--skip-large] [--threads N] [--modes M,..]
+                         [--batch N] [--profile MODE]
 
 Side by side in one invocation, for each size:
 
@@ -19,7 +20,9 @@ Side by side in one invocation, for each size:
   on every cross-attention layer (`position`: each worn query's attention over the garment
   around its true garment position, from the fused moments; `placement`: each garment
   cell's attention over the image around where it is worn, one more SDPA call per layer
-  with q and k swapped), the targets built every step;
+  with q and k swapped, over `stability.placement_cells` garment cells sampled per layer
+  and step, the default run's setting), the targets built every step;
+* anchored-all: the same with `placement` over every garment cell (`placement_cells=0`);
 * 2-call: the dispersion statistics from a second, separate fused SDPA call on the
   kept q/k (what a layer with a non-default processor gets);
 * naive: the same loss from explicit softmax probabilities kept for backward
@@ -62,10 +65,12 @@ SIZES = {
                                    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32),
                          latent=(64, 48), grid=(32, 24), batch=1, channels=4, factor=8),
 }
-MODES = ("plain", "fused", "colour", "anchored", "2-call", "naive")
+# The default run's sampled-cell count (configs/default.yaml: stability.placement_cells).
+PLACEMENT_CELLS = 16
+MODES = ("plain", "fused", "colour", "anchored", "anchored-all", "2-call", "naive")
 
 
-def build_step(size: str, device: str) -> dict:
+def build_step(size: str, device: str, batch: int | None = None) -> dict:
     """The UNet, its optimizer and one batch of random inputs for `size` (shared with
     bench/authors_cost.py): keys spec, unet, opt, x, ctx, t, generator."""
     import torch
@@ -75,6 +80,8 @@ def build_step(size: str, device: str) -> dict:
 
     spec = SIZES[size]
     kwargs = unet_size(spec["unet"]) if isinstance(spec["unet"], str) else dict(spec["unet"])
+    if batch:
+        spec = {**spec, "batch": batch}
     c, (h, w), b = spec["channels"], spec["latent"], spec["batch"]
     torch.manual_seed(0)
     unet = UNet2DConditionModel(in_channels=2 * c + 1, out_channels=c, **kwargs).to(device)
@@ -138,7 +145,7 @@ def run_workers(script: str, sizes: list[str], **job) -> list[dict]:
 
 
 def worker(size: str, device: str, steps: int, repeats: int, threads: int | None = None,
-           modes: tuple[str, ...] = MODES) -> dict:
+           modes: tuple[str, ...] = MODES, batch: int | None = None, profile: str | None = None) -> dict:
     import torch
 
     if threads:
@@ -148,7 +155,7 @@ def worker(size: str, device: str, steps: int, repeats: int, threads: int | None
     from configs.schema import StabilityConfig
     from losses.stability import AttentionTargets, StabilityLoss
 
-    built = build_step(size, device)
+    built = build_step(size, device, batch if size != "toy" else None)
     spec, unet, opt, x, ctx, t, g = (built[k] for k in ("spec", "unet", "opt", "x", "ctx", "t", "generator"))
     (h, w), b = spec["latent"], spec["batch"]
     mask = torch.ones(b, 1, h, w, device=device)
@@ -176,7 +183,7 @@ def worker(size: str, device: str, steps: int, repeats: int, threads: int | None
             loss = out.float().square().mean()
             if loss_fn is not None:
                 targets = (AttentionTargets(person, worn) if colour
-                           else AttentionTargets(person, worn, garment_pos) if mode == "anchored" else None)
+                           else AttentionTargets(person, worn, garment_pos) if mode.startswith("anchored") else None)
                 extra, _ = loss_fn(monitor.last_attention(), mask, t, targets=targets)
                 loss = loss + extra
         loss.backward()
@@ -188,10 +195,12 @@ def worker(size: str, device: str, steps: int, repeats: int, threads: int | None
     def setup(mode: str):
         if mode == "plain":
             return None, None
-        fused = mode in ("fused", "colour", "anchored")
+        fused = mode in ("fused", "colour", "anchored", "anchored-all")
         monitor = AttentionMonitor(unet, spec["grid"], keep_last=True, moments=fused, record=False)
         cfg = {"colour": StabilityConfig(colour=1.0),
-               "anchored": StabilityConfig(position=1.0, placement=1.0)}.get(mode, StabilityConfig(dispersion=1.0))
+               "anchored": StabilityConfig(position=1.0, placement=1.0, placement_cells=PLACEMENT_CELLS),
+               "anchored-all": StabilityConfig(position=1.0, placement=1.0, placement_cells=0),
+               }.get(mode, StabilityConfig(dispersion=1.0))
         return monitor, StabilityLoss(cfg, explicit=mode == "naive")
 
     def sync() -> None:
@@ -211,8 +220,20 @@ def worker(size: str, device: str, steps: int, repeats: int, threads: int | None
             if monitor is not None:
                 monitor.close()
 
+    table = None
+    if profile:  # where a mode's time goes: the top operators over 3 steps, after a warm-up step
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        timed(profile)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with torch_profile(activities=activities) as prof:
+            for _ in range(3):
+                timed(profile)
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        table = (f"{size} {device}, {profile}: top operators by {sort} over 3 steps\n"
+                 + prof.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=50))
     times, peaks = measure(tuple(modes), timed, steps, repeats, cuda)
-    return {"size": size, "device": device, "batch": b, "times": times, "peaks": peaks,
+    return {"size": size, "device": device, "batch": b, "times": times, "peaks": peaks, "profile": table,
             "layers": sum(1 for n in unet.attn_processors if "attn2" in n)}
 
 
@@ -225,6 +246,10 @@ def main() -> None:
                         help="torch CPU threads in the workers (default: torch's); 1 is steadier on a busy machine")
     parser.add_argument("--modes", default=",".join(MODES),
                         help=f"comma-separated subset of {','.join(MODES)} (plain is always timed: the ratios' base)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch of the SD-like size (default: 2 on CUDA, 1 on CPU); the toy size keeps 16")
+    parser.add_argument("--profile", default=None, metavar="MODE",
+                        help="also print the top operators of MODE's step (torch.profiler, 3 steps) per size")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -239,8 +264,10 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = ["toy"] + ([] if args.skip_large else ["sd15" if device == "cuda" else "sd15-reduced"])
     print(machine() + (f"; workers use {args.threads} torch thread(s)" if args.threads else ""))
+    if args.profile and args.profile not in modes:
+        parser.error(f"--profile {args.profile}: not among the timed modes {','.join(modes)}")
     rows = run_workers(__file__, sizes, device=device, steps=args.steps, repeats=args.repeats, threads=args.threads,
-                       modes=modes)
+                       modes=modes, batch=args.batch, profile=args.profile)
     for what, key, unit, scale, fmt in (("time per step", "times", "ms", 1e3, ".1f"),
                                         ("peak memory", "peaks", "MiB", 2.0**-20, ".0f")):
         header = (f"{what + ' (' + unit + ')':<22} {'xattn':>5} {'batch':>5} | "
@@ -251,6 +278,9 @@ def main() -> None:
             print(f"{r['size'] + ' ' + r['device']:<22} {r['layers']:>5} {r['batch']:>5} | "
                   + " ".join(f"{v[m] * scale:>8{fmt}}" for m in modes) + " | "
                   + " ".join(f"{v[m] / v['plain']:>8.3f}" for m in modes[1:]))
+    for r in rows:
+        if r.get("profile"):
+            print("\n" + r["profile"])
 
 if __name__ == "__main__":
     main()

@@ -186,6 +186,9 @@ def validate(cfg: Config) -> None:
     negative = [f"stability.{k}={v}" for k, v in weights.items() if v < 0]
     if negative:
         raise ConfigError(f"{', '.join(negative)}: stability weights must be >= 0")
+    if st.placement_cells < 0:
+        raise ConfigError(f"stability.placement_cells={st.placement_cells}: the garment cells the placement term "
+                          f"samples per layer and step must be >= 0 (0 = every cell)")
     if any(weights.values()) and not cfg.monitor.enabled:
         on = " ".join(f"stability.{k}={v}" for k, v in weights.items() if v)
         off = " ".join(f"stability.{k}=0" for k, v in weights.items() if v)

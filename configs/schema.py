@@ -168,6 +168,10 @@ class StabilityConfig:
     # position-anchored R2G: each garment cell's attention over the person (softmax over queries)
     # around where that cell is worn, E||x - x*_j||^2 (needs sample["garment_pos"]: the synthetic set)
     placement: float = 0.0
+    # garment cells per layer and step the placement term samples (uniformly, among the cells some
+    # worn pixel shows): an unbiased estimate of the mean over all of them at a fraction of the
+    # cost of the transposed attention call it needs; 0 = every cell, exactly
+    placement_cells: int = 16
     layers: Optional[List[str]] = None  # names or resolution levels like "16x12"; None = all monitored
     # The peers' recipes (docs/stability.md), each on its own layers; `t_max` and `warmup_steps` gate them too.
     # Leffa's flow loss: the garment warped by the attention centres vs the person (Leffa: 1e-3, t_max=500)

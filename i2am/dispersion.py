@@ -37,7 +37,8 @@ known garment position p*_i the coordinates give E_A ||p - p*_i||^2 = Var_i +
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -66,17 +67,25 @@ def _grid_qk(query: torch.Tensor, key: torch.Tensor, extra_tokens: int) -> tuple
     return query.float(), key[:, :, extra_tokens:].float()
 
 
+@functools.lru_cache(maxsize=64)
 def _coordinate_values(reference_grid: tuple[int, int], extra_tokens: int, num_keys: int,
-                       device, dtype) -> torch.Tensor:
+                       device, dtype, width: int = 0) -> torch.Tensor:
     """(N_k, 3 or 4) values [p_y - 0.5, p_x - 0.5, ||p - 0.5||^2 (, 1)] with zero rows for the
-    extra tokens; the 4th column (grid mass) is only needed when there are extra tokens, to
-    renormalise the softmax over all keys to one over the grid keys."""
-    p = cell_centres(reference_grid, device) - 0.5
-    if num_keys != extra_tokens + p.shape[0]:
-        raise ValueError(f"{num_keys} keys but reference_grid {tuple(reference_grid)} has {p.shape[0]} cells "
+    extra tokens, zero-padded to ``width`` columns if that is wider; the 4th column (grid mass)
+    is only needed when there are extra tokens, to renormalise the softmax over all keys to one
+    over the grid keys. Cached: every layer call of a run asks for the same few, and building
+    one is a dozen tiny kernels, which on a GPU cost more than the attention they ride in.
+    (Read-only: callers only pad, concatenate and expand it. Built outside inference mode, so
+    one first asked for under `torch.inference_mode()` still serves a training step later.)"""
+    h, w = reference_grid
+    if num_keys != extra_tokens + h * w:
+        raise ValueError(f"{num_keys} keys but reference_grid {tuple(reference_grid)} has {h * w} cells "
                          f"and there are {extra_tokens} extra tokens")
-    cols = [p, p.square().sum(-1, keepdim=True)] + ([torch.ones_like(p[:, :1])] if extra_tokens else [])
-    return F.pad(torch.cat(cols, dim=-1), (0, 0, extra_tokens, 0)).to(dtype)
+    with torch.inference_mode(False), torch.no_grad():
+        p = cell_centres(reference_grid, device) - 0.5
+        cols = [p, p.square().sum(-1, keepdim=True)] + ([torch.ones_like(p[:, :1])] if extra_tokens else [])
+        values = torch.cat(cols, dim=-1)
+        return F.pad(values, (0, max(0, width - values.shape[-1]), extra_tokens, 0)).to(dtype)
 
 
 def _moments(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,12 +102,10 @@ def attention_moments(query: torch.Tensor, key: torch.Tensor, scale: float, refe
     """Fused, one extra SDPA call: (mu (B, heads, N_q, 2), Var (B, heads, N_q)) from per-head
     q (B, h, N_q, d) and k (B, h, N_k, d), in float32."""
     q, k = _grid_qk(query, key, extra_tokens)
-    values = _coordinate_values(reference_grid, 0, k.shape[-2], q.device, q.dtype)  # (N_grid, 3)
-    if q.shape[-1] > 3:
-        # Zero-pad the values to the head dim: with v's dim != q's, PyTorch's CPU SDPA falls back
-        # to the math kernel, which materialises the probabilities (6x slower here, and the memory
-        # this function exists to avoid); with equal dims it uses the flash kernel.
-        values = F.pad(values, (0, q.shape[-1] - 3))
+    # Zero-padded to the head dim: with v's dim != q's, PyTorch's CPU SDPA falls back to the math
+    # kernel, which materialises the probabilities (6x slower here, and the memory this function
+    # exists to avoid); with equal dims it uses the flash kernel. (N_grid, max(3, d))
+    values = _coordinate_values(tuple(reference_grid), 0, k.shape[-2], q.device, q.dtype, q.shape[-1])
     values = values.expand(q.shape[0], q.shape[1], -1, -1)
     return _moments(F.scaled_dot_product_attention(q, k, values, scale=scale)[..., :3])
 
@@ -137,13 +144,14 @@ def attention_with_moments(query: torch.Tensor, key: torch.Tensor, value: torch.
     outputs are renormalised by the grid mass, as the moments are.
     """
     b, heads, n_k, d = value.shape
-    coords = _coordinate_values(reference_grid, extra_tokens, n_k, value.device, value.dtype)
-    n = coords.shape[-1]
+    n = 4 if extra_tokens else 3
     c = 0 if anchors is None else anchors.shape[-1]
     width = -(-(d + n + c) // 8) * 8
     if anchors is None:
-        side = F.pad(coords, (0, width - d - n)).expand(b, heads, -1, -1)
+        side = _coordinate_values(tuple(reference_grid), extra_tokens, n_k, value.device, value.dtype, width - d)
+        side = side.expand(b, heads, -1, -1)
     else:
+        coords = _coordinate_values(tuple(reference_grid), extra_tokens, n_k, value.device, value.dtype)
         side = torch.cat([coords.expand(b, 1, -1, -1),
                           _anchor_values(anchors, b, extra_tokens, n_k, value.dtype)], dim=-1)
         side = F.pad(side, (0, width - d - n - c)).expand(-1, heads, -1, -1)
@@ -243,12 +251,36 @@ def worn_places(garment_pos: torch.Tensor, worn: torch.Tensor, reference_grid: t
 
 
 def r2g_moments(query: torch.Tensor, key: torch.Tensor, scale: float, query_grid: tuple[int, int],
-                extra_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                extra_tokens: int = 0, cells: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The R2G direction's moments, fused: for each grid key j, the centre (B, h, N_grid, 2) and
     dispersion (B, h, N_grid) over the query grid of softmax_i(k_j . q_i): where that garment cell's
-    attention lands on the generated image. One SDPA call with the roles of q and k swapped."""
+    attention lands on the generated image. One SDPA call with the roles of q and k swapped.
+    ``cells`` (B, n) grid-key indices: only those keys, (B, h, n, 2) and (B, h, n); the call's
+    cost scales with the number of keys."""
     k = key[:, :, extra_tokens:]
+    if cells is not None:
+        k = k.gather(2, cells[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1]))
     return attention_moments(k, query, scale, query_grid, 0)
+
+
+def sample_cells(valid: torch.Tensor, n: int,
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    """(B, n) indices of ``n`` cells per sample drawn uniformly without replacement among its
+    valid ones (``valid`` (B, N) bool; a sample with fewer than ``n`` takes all of them and
+    fills up with invalid cells, which a mask over ``valid`` then drops). ``generator``: one,
+    or one per sample (each sample's draw from its own)."""
+    b, cells = valid.shape
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != b:
+            raise ValueError(f"{len(generator)} generators for a batch of {b}")
+        draws = torch.cat([torch.rand(1, cells, generator=g, device=g.device) for g in generator]).to(valid.device)
+    else:
+        draw_on = generator.device if generator is not None else valid.device
+        draws = torch.rand(b, cells, generator=generator, device=draw_on).to(valid.device)
+    # Random keys in [0, 1) for valid cells, >= 1 for invalid ones: the n smallest are a uniform
+    # draw among the valid cells first.
+    keys = draws + (~valid).float()
+    return keys.topk(min(n, valid.shape[1]), dim=1, largest=False).indices
 
 
 def centre_error(mu: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,8 @@ One call per micro-batch does, in this order:
 It returns `(loss, metrics)`. Nothing travels back through closures, and the
 monitor only measures: the loss lives here and in `losses/stability.py`.
 The random draws are those the trainer made before (dropout, noise, t, from
-one generator), so a run with every new weight at 0 computes what it did.
+one generator), so a run with every new weight at 0 computes what it did; the
+placement term's garment cells come after them, from the same generators.
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ class TryOnObjective:
         if self.stability is not None:
             extra, extra_metrics = self.stability(self.monitor.last_attention(),
                                                   tryon.codec.latent_mask(batch["mask"]), noised.timesteps, step,
-                                                  self.targets(batch, keep=~drop))
+                                                  self.targets(batch, keep=~drop), generator)
             loss = loss + extra
             metrics.update(extra_metrics)
         return loss, metrics

@@ -48,9 +48,10 @@ from configs.schema import StabilityConfig
 from i2am.names import short_name
 from i2am.dispersion import (anchored_variance, atv, attention_anchored, attention_anchored_explicit,
                              attention_moments, attention_moments_explicit, centre_error, concentration, masked_mean,
-                             pool_to_grid, position_variance, query_mask, r2g_moments, worn_places)
+                             pool_to_grid, position_variance, query_mask, r2g_moments, sample_cells, worn_places)
 
 from .authors import authors_layers, authors_loss, grid_probabilities
+from .diffusion import Generators
 from .flow import flow_loss, keep_samples
 
 Metrics = dict[str, torch.Tensor]
@@ -177,7 +178,12 @@ class StabilityLoss:
         return chosen
 
     def __call__(self, last: Mapping, latent_mask: torch.Tensor | None, timesteps: torch.Tensor | None = None,
-                 step: int = 0, targets: AttentionTargets | None = None) -> tuple[torch.Tensor, Metrics]:
+                 step: int = 0, targets: AttentionTargets | None = None, generator: Generators = None
+                 ) -> tuple[torch.Tensor, Metrics]:
+        """The weighted stability terms of one forward and their metrics. ``generator``: where
+        the placement term draws its garment cells from (one generator per sample, as the trainer
+        passes them, keeps the draw the same on any process count and across a resume; None:
+        torch's global generator)."""
         metrics: Metrics = {}
         total = None
         selected = set(self._selected(last))
@@ -205,7 +211,8 @@ class StabilityLoss:
             readings["dispersion"][name] = metrics[f"i2am/dispersion/{short}"] = disp.detach()
             # Terms that need the batch besides this layer's statistics read it from `targets`: the
             # anchored ones in `_anchored`, the peers' recipes in `_flow` and `_authors`.
-            anchored_terms = self._anchored(name, s, mu, var, targets, window, regularised, readings, metrics)
+            anchored_terms = self._anchored(name, s, mu, var, targets, window, regularised, readings, metrics,
+                                            generator)
             if mine:
                 keep = keep_samples(b, timesteps=timesteps, t_max=self.t_max,
                                     dropped=None if targets.keep is None else ~targets.keep)
@@ -242,7 +249,8 @@ class StabilityLoss:
 
     def _anchored(self, name: str, s, mu: torch.Tensor, var: torch.Tensor, targets: AttentionTargets | None,
                   window: torch.Tensor | None, want_grad: bool,
-                  readings: dict[str, dict[str, torch.Tensor]], metrics: Metrics) -> torch.Tensor | float:
+                  readings: dict[str, dict[str, torch.Tensor]], metrics: Metrics,
+                  generator: Generators = None) -> torch.Tensor | float:
         """The colour- and position-anchored terms of one layer over its worn queries (guidance-
         dropped samples and samples outside the t window excluded): readings always, the weighted
         terms (with graph) when the layer is regularised. Returns their weighted sum (0 if none)."""
@@ -273,7 +281,11 @@ class StabilityLoss:
             places, valid = targets.places(s.reference_grid)
             if window is not None:
                 valid = valid & window
-            mu_r, var_r = r2g_moments(s.query, s.key, s.scale, s.grid, s.extra_tokens)
+            cells = None
+            if 0 < self.terms.placement_cells < valid.shape[1]:
+                cells = sample_cells(valid, self.terms.placement_cells, generator)
+                places, valid = places.gather(1, cells[..., None].expand(-1, -1, 2)), valid.gather(1, cells)
+            mu_r, var_r = r2g_moments(s.query, s.key, s.scale, s.grid, s.extra_tokens, cells)
             place = masked_mean(position_variance(mu_r, var_r, places), valid)
             metrics[f"loss/placement/{short}"] = place.detach()
             metrics[f"i2am/placement_error/{short}"] = masked_mean(centre_error(mu_r.detach(), places), valid)

@@ -206,14 +206,17 @@ RESUME = dict(limit=5, steps=2, device="cpu", progress=False, fid_backend="rando
 # Read from the PNGs (or scored on the 8-bit images): equal to the last bit when the bytes are.
 METRICS = ("n", "missing", "fid", "kid", "lpips", "ssim", "colour_error", "pixel_error", "box_miou",
            "box_miou_random", "box_miou_whole", "imacs_g_undefined", "imacs_r_undefined")
-# From the float attention maps, whose batched matmuls round differently at another batch size.
+# From the float attention maps, whose batched matmuls round differently at another batch size;
+# IMACS min-max normalises the map, which can magnify that rounding to ~1e-5 relative (seen:
+# -0.7764806 against -0.7764902), so they are compared to 1e-4: a wrong map is off by far more.
 MAP_METRICS = ("imacs_g", "imacs_r")
+MAP_REL = 1e-4
 
 
 def _same_results(a: dict, b: dict) -> None:
     assert {k: a[k] for k in METRICS} == {k: b[k] for k in METRICS}
     for k in MAP_METRICS:
-        assert a[k] == pytest.approx(b[k], rel=1e-5), k
+        assert a[k] == pytest.approx(b[k], rel=MAP_REL), k
 
 
 def _same_sidecars(a: Path, b: Path) -> None:
@@ -224,7 +227,7 @@ def _same_sidecars(a: Path, b: Path) -> None:
         assert {k: v for k, v in row.items() if k not in MAP_METRICS} == \
             {k: v for k, v in other.items() if k not in MAP_METRICS}, name
         for k in MAP_METRICS:
-            assert row[k] == pytest.approx(other[k], rel=1e-5, abs=1e-6), (name, k)
+            assert row[k] == pytest.approx(other[k], rel=MAP_REL, abs=1e-5), (name, k)
 
 
 @pytest.fixture(scope="module")

@@ -65,3 +65,25 @@ def test_a_result_cached_before_the_schema_grew_is_still_found(tmp_path):
     assert _cached(run, _config_key(cfg), 32, cfg) is None  # other samples
     other = arm_config("configs/experiments/baseline.yaml", tmp_path, 0, ["train.max_steps=7"])
     assert _cached(run, _config_key(other), 64, other) is None
+
+
+def test_how_a_run_was_watched_does_not_make_it_another_run(tmp_path):
+    """The tracker, the CPU thread count and train.resume do not change the trained model: a
+    result cached under `tracker.kind=none train.cpu_threads=1` serves a request without them,
+    by key and through config.yaml; a real difference (the learning rate) still misses."""
+    import json
+
+    from apps.experiment import _cached, _config_key, arm_config
+    from configs.loader import to_yaml
+
+    quiet = arm_config("configs/experiments/baseline.yaml", tmp_path, 0, ["tracker.kind=none", "train.cpu_threads=1"])
+    plain = arm_config("configs/experiments/baseline.yaml", tmp_path, 0, ["train.resume=latest"])
+    assert _config_key(quiet) == _config_key(plain)
+    run = tmp_path / "baseline" / "seed0"
+    run.mkdir(parents=True)
+    (run / "heldout.json").write_text(json.dumps({"config": "an-old-hash", "eval_samples": 64,
+                                                  "result": {"pixel_error": 0.5}}))
+    (run / "config.yaml").write_text(to_yaml(quiet))
+    assert _cached(run, _config_key(plain), 64, plain) == {"pixel_error": 0.5}
+    other = arm_config("configs/experiments/baseline.yaml", tmp_path, 0, ["optim.lr=0.5"])
+    assert _config_key(other) != _config_key(plain) and _cached(run, _config_key(other), 64, other) is None

@@ -61,6 +61,20 @@ def test_fused_dispersion_equals_explicit_formula_and_gradients(extra):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max()
 
 
+def test_moments_first_computed_under_inference_mode_still_train():
+    """The coordinate columns are cached per grid: a first call under torch.inference_mode()
+    (sampling with maps) must not leave an inference tensor that a later training step's
+    backward cannot save. A grid no other test uses, so this call builds the cache entry."""
+    ref = (7, 3)
+    q, _ = _qk(extra=0)
+    k = torch.randn(2, 3, 21, 8, requires_grad=True)
+    with torch.inference_mode():
+        attention_moments(q.detach(), k.detach(), 0.4, ref, 0)
+    _, var = attention_moments(q, k, 0.4, ref, 0)
+    grad, = torch.autograd.grad(var.mean(), k)
+    assert grad.abs().sum() > 0
+
+
 def test_fused_moments_match_explicit_matrix_version():
     q, k = _qk(b=1, heads=2, grid=(6, 5), ref=(7, 3), extra=2)
     mu_f, var_f = attention_moments(q, k, 0.3, (7, 3), 2)
@@ -426,7 +440,7 @@ def test_placement_term_equals_the_explicit_r2g_formula_with_gradients(extra):
     _, person, worn, pos = _images()
     keep = torch.tensor([True, False])
     layer = _layer(q, k, grid, ref, extra, None, scale)
-    fused, metrics = StabilityLoss(StabilityConfig(placement=1.0))(
+    fused, metrics = StabilityLoss(StabilityConfig(placement=1.0, placement_cells=0))(
         {"up_blocks.1.attentions.0.x": layer}, None, targets=AttentionTargets(person, worn, pos, keep=keep))
     x = torch.tensor([[(i // grid[1] + 0.5) / grid[0], (i % grid[1] + 0.5) / grid[1]] for i in range(12)])
     terms, errors = [], []
@@ -450,6 +464,49 @@ def test_placement_term_equals_the_explicit_r2g_formula_with_gradients(extra):
     assert float(metrics["i2am/placement_error/up1.0"]) == pytest.approx(float(torch.stack(errors).mean().detach()), abs=1e-5)
     for got, want in zip(torch.autograd.grad(fused, (q, k)), torch.autograd.grad(explicit, (q, k))):
         assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_sample_cells_draws_distinct_valid_cells_uniformly():
+    from i2am.dispersion import sample_cells
+
+    valid = torch.tensor([[True, False, True, True, False, True], [False, True, False, False, False, False]])
+    counts = torch.zeros(6)
+    for i in range(3000):
+        cells = sample_cells(valid, 3, torch.Generator().manual_seed(i))
+        assert cells.shape == (2, 3)
+        assert valid[0, cells[0]].all() and len(set(cells[0].tolist())) == 3
+        assert 1 in cells[1].tolist()  # a sample with fewer valid cells than asked takes all of them
+        counts[cells[0]] += 1
+    # each of the 4 valid cells is drawn with probability 3/4: 2250 of 3000 (sd 24)
+    assert counts[[0, 2, 3, 5]].sub(2250).abs().max() < 5 * 24 and counts[[1, 4]].sum() == 0
+    # One generator per sample: each sample's cells depend on its own generator only, so the draw
+    # is the same whichever batch (process, resume point) the sample lands in.
+    gens = lambda: [torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)]  # noqa: E731
+    both = sample_cells(valid, 3, gens())
+    alone = sample_cells(valid[1:], 3, gens()[1:])
+    assert torch.equal(both[1:], alone)
+    with pytest.raises(ValueError, match="1 generators for a batch of 2"):
+        sample_cells(valid, 3, gens()[:1])
+
+
+def test_placement_over_sampled_cells_is_an_unbiased_estimate_of_every_cell():
+    """placement_cells=n: the mean over n uniformly drawn worn cells of one sample, whose expectation
+    is the mean over all of them (placement_cells=0, itself checked against the explicit formula
+    above); averaged over 400 draws it lands within 4 standard errors."""
+    grid, ref, scale = (4, 3), (5, 4), 0.4
+    q, k = _qk(b=2, heads=3, grid=grid, ref=ref, extra=0)
+    _, person, worn, pos = _images()
+    targets = AttentionTargets(person, worn, pos, keep=torch.tensor([True, False]))
+    shown = int(targets.places(ref)[1][0].sum())
+    assert shown > 3
+    layer = {"up_blocks.1.attentions.0.x": _layer(q, k, grid, ref, 0, None, scale)}
+    with torch.no_grad():
+        exact = float(StabilityLoss(StabilityConfig(placement=1.0, placement_cells=0))(layer, None, targets=targets)[0])
+        torch.manual_seed(0)
+        draws = torch.tensor([float(StabilityLoss(StabilityConfig(placement=1.0, placement_cells=2))(
+            layer, None, targets=targets)[0]) for _ in range(400)])
+    assert draws.std() > 0  # the draws differ: cells really are sampled
+    assert abs(float(draws.mean()) - exact) < 4 * float(draws.std()) / 400 ** 0.5
 
 
 def test_anchored_colours_in_bfloat16_stay_close_to_float32():

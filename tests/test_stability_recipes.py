@@ -190,6 +190,7 @@ def test_recipe_layers_that_do_not_exist_are_refused():
     ("stability.cwg=-2.0", r"stability.cwg=-2.0: stability weights must be >= 0"),
     ("stability.dcml=-0.01", r"stability.dcml=-0.01: stability weights must be >= 0"),
     ("stability.tv=-1", r"stability.tv=-1.0: stability weights must be >= 0"),
+    ("stability.placement_cells=-4", r"stability.placement_cells=-4: .* must be >= 0 \(0 = every cell\)"),
 ])
 def test_negative_recipe_weights_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -81,6 +81,11 @@ def test_resume_continues_exactly(tmp_path):
     for i, (x, y) in enumerate(zip(full.ema.shadow_params, resumed.ema.shadow_params)):
         assert y.device == resumed.accelerator.device
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=f"shadow param {i}")
+    # Resuming the finished run trains nothing and leaves its summary as the training wrote it.
+    written = (tmp_path / "a" / "run" / "summary.json").read_text()
+    again = Trainer(load_config(overrides=tiny_overrides(tmp_path / "a", **common, **{"train.resume": "latest"})))
+    assert again.fit() == json.loads(written) and again.step == 6
+    assert (tmp_path / "a" / "run" / "summary.json").read_text() == written and again.history == []
 
 
 def test_a_checkpoint_without_the_schedule_state_resumes_it_at_its_step(tmp_path, capsys):

@@ -96,6 +96,7 @@ class Trainer:
         # Training time of earlier invocations (restored on resume), so a run's time adds up.
         self.seconds_before = 0.0
         self._fit_start = time.time()
+        self._first_step = 0  # the step fit() started at (set there)
         self.first_val_error: float | None = None
         self.last_val_error: float | None = None
         self.history: list[dict[str, float]] = []  # what was logged, step by step
@@ -254,6 +255,7 @@ class Trainer:
 
         start, interval_start, interval_samples = time.time(), time.time(), 0
         self._fit_start = start
+        self._first_step = self.step
         sums: dict[str, torch.Tensor] = {}
         n_logged, nan_streak, last_loss = 0, 0, float("nan")
         in_main_thread = threading.current_thread() is threading.main_thread()
@@ -320,6 +322,15 @@ class Trainer:
     def _finish(self, seconds: float, last_loss: float) -> dict:
         acc = self.accelerator
         self.train_seconds = self.seconds_before + seconds  # over every invocation of this run
+        saved = self.run_dir / "summary.json"
+        if self.step == self._first_step and saved.is_file():
+            # Resumed a finished run (e.g. to load it for figures): nothing trained, so this
+            # invocation knows none of the numbers; keep the summary of the run that did.
+            summary = json.loads(saved.read_text())
+            acc.print(f"already at step {self.step}: nothing to train; its summary ({saved}):")
+            acc.print(format_summary(summary))
+            acc.end_training()
+            return summary
         summary = {
             "steps": self.step, "seconds": round(seconds, 1), "final_loss": last_loss,
             "stopped_early": self._stop_reason or None,
