@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(PY) -c "import torch, diffusers, accelerate, omegaconf" || (echo "environment set-up failed" && exit 1)
 	@touch $(STAMP)
 
-# Main job: the embedded default (synthetic data, tiny model, CPU, ~7 minutes).
+# Main job: the embedded default (synthetic data, tiny model, CPU, ~5 minutes).
 # The flags only state accelerate's defaults (it warns when they are missing); train.py picks
 # the CPU thread count itself (train.cpu_threads).
 train: $(STAMP)

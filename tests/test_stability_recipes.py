@@ -155,7 +155,7 @@ def test_recipes_skip_guidance_dropped_samples_the_t_window_and_warm_up():
     # Nothing kept: 0 (not NaN), and the gradient is zero.
     none, _ = StabilityLoss(StabilityConfig(t_max=500, **terms))(both, None, torch.tensor([600, 900]),
                                                                 targets=_targets())
-    assert float(none) == 0
+    assert float(none.detach()) == 0
     warm = StabilityLoss(StabilityConfig(warmup_steps=10, **terms))
     early, m_early = warm(both, None, targets=_targets(), step=5)
     assert float(early) == 0 and not any(k.startswith(("loss/flow", "loss/cwg")) for k in m_early)
