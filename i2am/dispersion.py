@@ -38,7 +38,7 @@ known garment position p*_i the coordinates give E_A ||p - p*_i||^2 = Var_i +
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -263,23 +263,14 @@ def r2g_moments(query: torch.Tensor, key: torch.Tensor, scale: float, query_grid
     return attention_moments(k, query, scale, query_grid, 0)
 
 
-def sample_cells(valid: torch.Tensor, n: int,
-                 generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+def sample_cells(valid: torch.Tensor, n: int, draws: torch.Tensor) -> torch.Tensor:
     """(B, n) indices of ``n`` cells per sample drawn uniformly without replacement among its
     valid ones (``valid`` (B, N) bool; a sample with fewer than ``n`` takes all of them and
-    fills up with invalid cells, which a mask over ``valid`` then drops). ``generator``: one,
-    or one per sample (each sample's draw from its own)."""
-    b, cells = valid.shape
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != b:
-            raise ValueError(f"{len(generator)} generators for a batch of {b}")
-        draws = torch.cat([torch.rand(1, cells, generator=g, device=g.device) for g in generator]).to(valid.device)
-    else:
-        draw_on = generator.device if generator is not None else valid.device
-        draws = torch.rand(b, cells, generator=generator, device=draw_on).to(valid.device)
-    # Random keys in [0, 1) for valid cells, >= 1 for invalid ones: the n smallest are a uniform
-    # draw among the valid cells first.
-    keys = draws + (~valid).float()
+    fills up with invalid cells, which a mask over ``valid`` then drops), from ``draws`` (B, N)
+    uniforms in [0, 1) (`losses.diffusion.uniform_draws`: one row per sample's generator)."""
+    # Keys in [0, 1) for valid cells, >= 1 for invalid ones: the n smallest are a uniform draw
+    # among the valid cells first.
+    keys = draws.to(valid.device) + (~valid).float()
     return keys.topk(min(n, valid.shape[1]), dim=1, largest=False).indices
 
 

@@ -17,15 +17,15 @@ Metrics = dict[str, torch.Tensor]
 Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
-def uniform_draws(generator: Generators, n: int, device: torch.device) -> torch.Tensor:
-    """(n,) uniforms in [0, 1): one per sample from its own generator when given one each,
-    else n from the one generator (e.g. the guidance-dropout draw, before `noised`)."""
+def uniform_draws(generator: Generators, n: int, device: torch.device, *shape: int) -> torch.Tensor:
+    """(n, *shape) uniforms in [0, 1): each sample's row from its own generator when given one
+    each, else all from the one generator (e.g. the guidance-dropout draw, before `noised`)."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != n:
             raise ValueError(f"{len(generator)} generators for a batch of {n}")
-        return torch.cat([torch.rand(1, generator=g, device=g.device) for g in generator]).to(device)
+        return torch.cat([torch.rand(1, *shape, generator=g, device=g.device) for g in generator]).to(device)
     draw_on = generator.device if generator is not None else device
-    return torch.rand(n, generator=generator, device=draw_on).to(device)
+    return torch.rand(n, *shape, generator=generator, device=draw_on).to(device)
 
 
 class Noised(NamedTuple):

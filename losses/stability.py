@@ -51,7 +51,7 @@ from i2am.dispersion import (anchored_variance, atv, attention_anchored, attenti
                              pool_to_grid, position_variance, query_mask, r2g_moments, sample_cells, worn_places)
 
 from .authors import authors_layers, authors_loss, grid_probabilities
-from .diffusion import Generators
+from .diffusion import Generators, uniform_draws
 from .flow import flow_loss, keep_samples
 
 Metrics = dict[str, torch.Tensor]
@@ -283,7 +283,8 @@ class StabilityLoss:
                 valid = valid & window
             cells = None
             if 0 < self.terms.placement_cells < valid.shape[1]:
-                cells = sample_cells(valid, self.terms.placement_cells, generator)
+                draws = uniform_draws(generator, valid.shape[0], valid.device, valid.shape[1])
+                cells = sample_cells(valid, self.terms.placement_cells, draws)
                 places, valid = places.gather(1, cells[..., None].expand(-1, -1, 2)), valid.gather(1, cells)
             mu_r, var_r = r2g_moments(s.query, s.key, s.scale, s.grid, s.extra_tokens, cells)
             place = masked_mean(position_variance(mu_r, var_r, places), valid)

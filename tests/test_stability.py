@@ -468,11 +468,13 @@ def test_placement_term_equals_the_explicit_r2g_formula_with_gradients(extra):
 
 def test_sample_cells_draws_distinct_valid_cells_uniformly():
     from i2am.dispersion import sample_cells
+    from losses.diffusion import uniform_draws
 
+    cpu = torch.device("cpu")
     valid = torch.tensor([[True, False, True, True, False, True], [False, True, False, False, False, False]])
     counts = torch.zeros(6)
     for i in range(3000):
-        cells = sample_cells(valid, 3, torch.Generator().manual_seed(i))
+        cells = sample_cells(valid, 3, uniform_draws(torch.Generator().manual_seed(i), 2, cpu, 6))
         assert cells.shape == (2, 3)
         assert valid[0, cells[0]].all() and len(set(cells[0].tolist())) == 3
         assert 1 in cells[1].tolist()  # a sample with fewer valid cells than asked takes all of them
@@ -482,11 +484,11 @@ def test_sample_cells_draws_distinct_valid_cells_uniformly():
     # One generator per sample: each sample's cells depend on its own generator only, so the draw
     # is the same whichever batch (process, resume point) the sample lands in.
     gens = lambda: [torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)]  # noqa: E731
-    both = sample_cells(valid, 3, gens())
-    alone = sample_cells(valid[1:], 3, gens()[1:])
+    both = sample_cells(valid, 3, uniform_draws(gens(), 2, cpu, 6))
+    alone = sample_cells(valid[1:], 3, uniform_draws(gens()[1:], 1, cpu, 6))
     assert torch.equal(both[1:], alone)
     with pytest.raises(ValueError, match="1 generators for a batch of 2"):
-        sample_cells(valid, 3, gens()[:1])
+        uniform_draws(gens()[:1], 2, cpu, 6)
 
 
 def test_placement_over_sampled_cells_is_an_unbiased_estimate_of_every_cell():
