@@ -144,14 +144,14 @@ def attention_with_moments(query: torch.Tensor, key: torch.Tensor, value: torch.
     outputs are renormalised by the grid mass, as the moments are.
     """
     b, heads, n_k, d = value.shape
-    n = 4 if extra_tokens else 3
+    coords = _coordinate_values(tuple(reference_grid), extra_tokens, n_k, value.device, value.dtype)
+    n = coords.shape[-1]
     c = 0 if anchors is None else anchors.shape[-1]
     width = -(-(d + n + c) // 8) * 8
-    if anchors is None:
+    if anchors is None:  # the padded columns, cached too
         side = _coordinate_values(tuple(reference_grid), extra_tokens, n_k, value.device, value.dtype, width - d)
         side = side.expand(b, heads, -1, -1)
     else:
-        coords = _coordinate_values(tuple(reference_grid), extra_tokens, n_k, value.device, value.dtype)
         side = torch.cat([coords.expand(b, 1, -1, -1),
                           _anchor_values(anchors, b, extra_tokens, n_k, value.dtype)], dim=-1)
         side = F.pad(side, (0, width - d - n - c)).expand(-1, heads, -1, -1)
