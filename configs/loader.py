@@ -182,7 +182,7 @@ def validate(cfg: Config) -> None:
         )
     st = cfg.stability
     weights = {k: getattr(st, k) for k in ("dispersion", "atv", "concentration", "colour", "position",
-                                                    "placement", "flow", "cwg", "tv", "dcml")}
+                                                    "placement", "sink", "flow", "cwg", "tv", "dcml")}
     negative = [f"stability.{k}={v}" for k, v in weights.items() if v < 0]
     if negative:
         raise ConfigError(f"{', '.join(negative)}: stability weights must be >= 0")
@@ -200,6 +200,11 @@ def validate(cfg: Config) -> None:
                 f"stability.{key}={getattr(st, key)} needs each worn pixel's true garment position (sample key "
                 f"'garment_pos'), which data.name={cfg.data.name!r} does not give (only {list(DATA_WITH_GARMENT_POS)} "
                 f"does); set stability.{key}=0, or use stability.colour, which every data set supports")
+    if st.sink and cfg.model.garment.kind != "clip" and not cfg.model.garment.null_tokens:
+        raise ConfigError(
+            f"stability.sink={st.sink} moves the attention of queries that show no garment onto extra tokens, "
+            f"and model.garment.kind={cfg.model.garment.kind!r} with model.garment.null_tokens=0 has none; set "
+            f"model.garment.null_tokens (e.g. 16), or stability.sink=0")
     authors = [f"stability.{k}={getattr(st, k)}" for k in ("cwg", "tv", "dcml") if getattr(st, k)]
     if authors and st.authors_layers is None:
         grids = _query_grids(cfg)
@@ -224,10 +229,14 @@ def validate(cfg: Config) -> None:
                           "set data.use_pose=true (viton_hd / dresscode), or model.unet.use_pose=false")
 
 
-def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Config:
-    """Schema defaults <- default.yaml <- each file <- dotted overrides, validated."""
+def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (), defaults: bool = True) -> Config:
+    """Schema defaults <- default.yaml <- each file <- dotted overrides, validated.
+
+    ``defaults=False`` leaves default.yaml out: for a run's saved, fully resolved config, where a
+    key it lacks was added to the schema since and the run behaved as that key's schema default
+    (not as today's default run, which may have switched it on)."""
     cfg: DictConfig = OmegaConf.structured(Config)
-    for path in [DEFAULT_CONFIG, *files]:
+    for path in [DEFAULT_CONFIG, *files] if defaults else list(files):
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path} (looked for it relative to {Path.cwd()})")

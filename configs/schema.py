@@ -172,6 +172,9 @@ class StabilityConfig:
     # worn pixel shows): an unbiased estimate of the mean over all of them at a fraction of the
     # cost of the transposed attention call it needs; 0 = every cell, exactly
     placement_cells: int = 16
+    # which queries take from the garment at all: the grid mass of the queries showing no garment plus
+    # the extra-token mass of the worn ones (needs extra tokens: model.garment.null_tokens > 0 or CLIP's CLS)
+    sink: float = 0.0
     layers: Optional[List[str]] = None  # names or resolution levels like "16x12"; None = all monitored
     # The peers' recipes (docs/stability.md), each on its own layers; `t_max` and `warmup_steps` gate them too.
     # Leffa's flow loss: the garment warped by the attention centres vs the person (Leffa: 1e-3, t_max=500)

@@ -112,13 +112,15 @@ def attention_moments(query: torch.Tensor, key: torch.Tensor, scale: float, refe
 
 class FusedAttention(NamedTuple):
     """What one fused attention call returns: the layer output (in the values' dtype) and, in
-    float32, the centres (B, h, N_q, 2), dispersion (B, h, N_q) and, when anchors were given,
-    the anchored outputs sum_j A_ij a_j (B, h, N_q, C) over the grid keys (else None)."""
+    float32, the centres (B, h, N_q, 2), dispersion (B, h, N_q), when anchors were given the
+    anchored outputs sum_j A_ij a_j (B, h, N_q, C) over the grid keys (else None), and with
+    extra tokens the grid mass sum_{j in grid} A_ij (B, h, N_q) (without any it is 1: None)."""
 
     out: torch.Tensor
     mu: torch.Tensor
     var: torch.Tensor
     anchored: torch.Tensor | None = None
+    mass: torch.Tensor | None = None
 
 
 def _anchor_values(anchors: torch.Tensor, batch: int, extra_tokens: int, num_keys: int,
@@ -159,12 +161,32 @@ def attention_with_moments(query: torch.Tensor, key: torch.Tensor, value: torch.
     out = F.scaled_dot_product_attention(F.pad(query, (0, width - d)), F.pad(key, (0, width - d)), values,
                                          attn_mask=attn_mask, scale=scale)
     mu, var = _moments(out[..., d:d + n])
+    mass = out[..., d + 3].float() if extra_tokens else None  # the 4th coordinate column
     anchored = None
     if anchors is not None:
         anchored = out[..., d + n:d + n + c].float()
         if extra_tokens:  # the softmax ran over every key: divide by the grid keys' mass
-            anchored = anchored / out[..., d + 3:d + 4].float()
-    return FusedAttention(out[..., :d], mu, var, anchored)
+            anchored = anchored / mass.unsqueeze(-1)
+    return FusedAttention(out[..., :d], mu, var, anchored, mass)
+
+
+def attention_grid_mass(query: torch.Tensor, key: torch.Tensor, scale: float, extra_tokens: int) -> torch.Tensor:
+    """Fused, one extra SDPA call (a layer on another processor): the attention each query puts
+    on the grid keys rather than the extra tokens, sum_{j in grid} A_ij (B, heads, N_q), float32.
+    The value column is 0 for the extra tokens and 1 for the grid (padded to the head dim, which
+    keeps CPU SDPA on its flash kernel, see `attention_moments`)."""
+    q, k = query.float(), key.float()
+    ones = torch.ones(k.shape[-2], 1, device=k.device, dtype=k.dtype)
+    ones[:extra_tokens] = 0
+    values = F.pad(ones, (0, max(0, q.shape[-1] - 1))).expand(q.shape[0], q.shape[1], -1, -1)
+    return F.scaled_dot_product_attention(q, k, values, scale=scale)[..., 0]
+
+
+def attention_grid_mass_explicit(query: torch.Tensor, key: torch.Tensor, scale: float,
+                                 extra_tokens: int) -> torch.Tensor:
+    """The same from the explicit probability matrix (the naive baseline of `bench/step.py`)."""
+    probs = torch.softmax(query.float() @ key.float().transpose(-1, -2) * scale, dim=-1)
+    return probs[..., extra_tokens:].sum(-1)
 
 
 def attention_anchored(query: torch.Tensor, key: torch.Tensor, scale: float, anchors: torch.Tensor,

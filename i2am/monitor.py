@@ -52,7 +52,10 @@ class LastAttention:
     (B, N_grid, C) or None; such a layer then also carries ``anchored``
     (B, heads, N_q, C) = sum_j A_ij anchors_j over the grid keys, with graph, from
     the same call (None on other processors or without ``moments``: compute it
-    from q/k with :func:`i2am.dispersion.attention_anchored`).
+    from q/k with :func:`i2am.dispersion.attention_anchored`). With extra tokens such a layer
+    also carries ``mass`` (B, heads, N_q), the attention each query puts on the grid keys rather
+    than the extra tokens, with graph (else None: compute it with
+    :func:`i2am.dispersion.attention_grid_mass`).
     """
 
     query: torch.Tensor
@@ -66,6 +69,7 @@ class LastAttention:
     var: torch.Tensor | None = None
     anchors: torch.Tensor | None = None
     anchored: torch.Tensor | None = None
+    mass: torch.Tensor | None = None
 
 
 class AttentionMonitor:
@@ -318,9 +322,10 @@ class AttentionMonitor:
         self._reference_grid_for(name, key)
         if self.keep_last:
             anchors = self._anchors_for(name, key)
-            mu, var, anchored = (fused.mu, fused.var, fused.anchored) if fused is not None else (None, None, None)
+            mu, var, anchored, mass = ((fused.mu, fused.var, fused.anchored, fused.mass) if fused is not None
+                                       else (None, None, None, None))
             self._last[name] = LastAttention(query, key, grid, query.shape[1], scale, self.extra_tokens,
-                                             self.reference_grid, mu, var, anchors, anchored)
+                                             self.reference_grid, mu, var, anchors, anchored, mass)
         if not (self.record and self._active):
             return
         with torch.no_grad():

@@ -14,6 +14,11 @@ patches) and fixed it with a loss that stabilises attention. Terms:
   around the true garment position p*_i (data with `garment_pos`: the synthetic set).
 - `placement`: the same in the R2G direction, E||x - x*_j||^2 under each garment cell's
   softmax over the generated positions, around where the cell is worn, x*_j (synthetic).
+- `sink`: which queries take from the garment at all. A model with extra tokens (learned
+  null tokens, a CLS token) lets a query put its attention there instead of on garment cells;
+  the term is the mean grid mass of the queries that show no garment plus the mean extra-token
+  mass of the worn ones. Without it the person's background, skin and hair attend to the
+  garment image's white background, which is most of what the G2R map shows (every data set).
 
 Two peers' recipes, each on its own layers (`RECIPES`; the pure functions are in
 `losses.flow` and `losses.authors`):
@@ -47,6 +52,7 @@ from configs.schema import StabilityConfig
 
 from i2am.names import short_name
 from i2am.dispersion import (anchored_variance, atv, attention_anchored, attention_anchored_explicit,
+                             attention_grid_mass, attention_grid_mass_explicit,
                              attention_moments, attention_moments_explicit, centre_error, concentration, masked_mean,
                              pool_to_grid, position_variance, query_mask, r2g_moments, sample_cells, worn_places)
 
@@ -104,11 +110,19 @@ class AttentionTargets:
             with torch.no_grad():
                 colour, cover = pool_to_grid(self.person / 2, grid, self.worn)
                 pos = pool_to_grid(self.garment_pos, grid, self.worn)[0] if self.garment_pos is not None else None
-                worn = cover >= WORN_COVERAGE
+                worn, off = cover >= WORN_COVERAGE, cover == 0
                 if self.keep is not None:
-                    worn = worn & self.keep.to(worn.device).view(-1, 1)
+                    keep = self.keep.to(worn.device).view(-1, 1)
+                    worn, off = worn & keep, off & keep
             self._grids[grid] = (worn, colour, pos)
+            self._grids[("off", grid)] = off
         return self._grids[grid]
+
+    def off_garment(self, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, N_q) bool: the queries whose cell shows no worn garment pixel at all (of the samples
+        kept); partly covered cells are neither worn nor off."""
+        self.on_grid(grid)
+        return self._grids[("off", tuple(grid))]
 
     def places(self, reference_grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(where each garment cell is worn (B, N_grid, 2), relative (y, x) on the person; the
@@ -154,7 +168,7 @@ class StabilityLoss:
     @property
     def active(self) -> bool:
         t = self.terms
-        return bool(t.dispersion or t.atv or t.concentration or t.colour or t.position or t.placement)
+        return bool(t.dispersion or t.atv or t.concentration or t.colour or t.position or t.placement or t.sink)
 
     def _selected(self, stats: Mapping) -> list[str]:
         return list(stats) if self.selectors is None else _match(stats, self.selectors, "stability.layers")
@@ -291,6 +305,18 @@ class StabilityLoss:
             metrics[f"loss/placement/{short}"] = place.detach()
             metrics[f"i2am/placement_error/{short}"] = masked_mean(centre_error(mu_r.detach(), places), valid)
             term = term + self.terms.placement * place
+        if want_grad and self.terms.sink:
+            if not s.extra_tokens:
+                raise ValueError("stability.sink > 0 needs extra tokens for attention to go to instead of the "
+                                 "garment cells (model.garment.null_tokens > 0, or a CLIP encoder's CLS token); "
+                                 f"layer {name!r} has none")
+            mass = self._grid_mass(s)
+            off = targets.off_garment(s.grid)
+            if window is not None:
+                off = off & window
+            sink = masked_mean(mass, off) + masked_mean(1 - mass, worn)
+            metrics[f"loss/sink/{short}"] = sink.detach()
+            term = term + self.terms.sink * sink
         return term
 
     def _flow(self, name: str, s, mu: torch.Tensor, targets: AttentionTargets, keep: torch.Tensor | None,
@@ -322,6 +348,13 @@ class StabilityLoss:
             return s.mu, s.var
         return attention_moments(s.query, s.key, s.scale, s.reference_grid, s.extra_tokens)
 
+    def _grid_mass(self, s) -> torch.Tensor:
+        if self.explicit:
+            return attention_grid_mass_explicit(s.query, s.key, s.scale, s.extra_tokens)
+        if getattr(s, "mass", None) is not None:  # computed inside the layer's attention call
+            return s.mass
+        return attention_grid_mass(s.query, s.key, s.scale, s.extra_tokens)
+
     def _anchored_values(self, s) -> torch.Tensor:
         if self.explicit:
             return attention_anchored_explicit(s.query, s.key, s.scale, s.anchors, s.extra_tokens)
@@ -333,7 +366,8 @@ class StabilityLoss:
 def describe(cfg: StabilityConfig) -> str:
     """One line for the run summary: which terms are on, at what weight, where and when;
     "off" when none is."""
-    own = [k for k in ("dispersion", "atv", "concentration", "colour", "position", "placement") if getattr(cfg, k)]
+    own = [k for k in ("dispersion", "atv", "concentration", "colour", "position", "placement", "sink")
+           if getattr(cfg, k)]
     parts = []
     if own:
         layers = ", ".join(cfg.layers) if cfg.layers else "every monitored layer"

@@ -89,17 +89,25 @@ def test_moments_inside_the_layer_attention_equal_plain_attention_and_explicit_f
     q, k = _qk(b=2, heads=3, grid=(6, 5), ref=(7, 3), extra=extra, d=d)
     v = torch.randn(k.shape, generator=torch.Generator().manual_seed(3)).requires_grad_()
     scale = d ** -0.5
-    out, mu, var, anchored = attention_with_moments(q, k, v, None, scale, (7, 3), extra)
+    out, mu, var, anchored, mass = attention_with_moments(q, k, v, None, scale, (7, 3), extra)
     assert anchored is None
     plain = F.scaled_dot_product_attention(q, k, v)
     mu_e, var_e = attention_moments_explicit(q, k, scale, (7, 3), extra)
     assert out.shape == plain.shape
     assert torch.allclose(out, plain, atol=1e-6)
     assert torch.allclose(mu, mu_e, atol=1e-5) and torch.allclose(var, var_e, atol=1e-5)
-    # Gradients of a loss on the output and on both statistics, w.r.t. q, k and v.
+    # The grid mass (the 4th coordinate column): the softmax's share on the grid keys; without
+    # extra tokens it is 1 and not returned.
+    mass_e = torch.softmax(q @ k.mT * scale, dim=-1)[..., extra:].sum(-1)
+    if extra:
+        assert torch.allclose(mass, mass_e, atol=1e-5) and float(mass_e.detach().min()) < 0.9
+    else:
+        assert mass is None
+        mass, mass_e = torch.ones(()), torch.ones(())
+    # Gradients of a loss on the output and on the statistics, w.r.t. q, k and v.
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
-    folded = (out * w).sum() + var.sum() + mu.square().sum()
-    separate = (plain * w).sum() + var_e.sum() + mu_e.square().sum()
+    folded = (out * w).sum() + var.sum() + mu.square().sum() + 3 * mass.sum()
+    separate = (plain * w).sum() + var_e.sum() + mu_e.square().sum() + 3 * mass_e.sum()
     for a, b in zip(torch.autograd.grad(folded, (q, k, v)), torch.autograd.grad(separate, (q, k, v))):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max()
 
@@ -108,7 +116,7 @@ def test_moments_inside_attention_in_bfloat16_stay_close_to_float32():
     """Centred coordinates keep E||p||^2 - ||mu||^2 usable in bf16 autocast precision."""
     q, k = _qk(b=1, heads=2, grid=(8, 6), ref=(8, 6), extra=0, d=16)
     v = torch.randn(k.shape)
-    _, mu, var, _ = attention_with_moments(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, 0.25, (8, 6))
+    _, mu, var, _, _ = attention_with_moments(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, 0.25, (8, 6))
     mu_e, var_e = attention_moments_explicit(q, k, 0.25, (8, 6))
     assert mu.dtype == var.dtype == torch.float32
     assert (var - var_e).abs().max() < 0.02 * var_e.max()  # bf16 keeps 8 bits: compare at ~1 %
@@ -237,7 +245,7 @@ def test_anchored_values_ride_along_in_the_layer_attention_and_equal_explicit_so
     v = torch.randn(k.shape, generator=torch.Generator().manual_seed(3)).requires_grad_()
     a = _anchors(2, ref[0] * ref[1])
     scale = d ** -0.5
-    out, mu, var, anchored = attention_with_moments(q, k, v, None, scale, ref, extra, anchors=a)
+    out, mu, var, anchored, _ = attention_with_moments(q, k, v, None, scale, ref, extra, anchors=a)
     plain = F.scaled_dot_product_attention(q, k, v)
     probs = torch.softmax(q @ k[:, :, extra:].transpose(-1, -2) * scale, dim=-1)  # grid keys only
     explicit = torch.einsum("bhqj,bjc->bhqc", probs, a)
@@ -308,7 +316,7 @@ def _cell_means(img, grid, weight=None):
 def _layer(q, k, grid, ref, extra, anchors, scale=0.4):
     """A LastAttention-like record with the statistics of one fused call, as the monitor keeps it."""
     v = torch.zeros(k.shape)
-    _, mu, var, anchored = attention_with_moments(q, k, v, None, scale, ref, extra, anchors=anchors)
+    _, mu, var, anchored, _ = attention_with_moments(q, k, v, None, scale, ref, extra, anchors=anchors)
     rec = _Last(q, k, grid, ref, extra, scale)
     rec.mu, rec.var, rec.anchors, rec.anchored = mu, var, anchors, anchored
     return rec

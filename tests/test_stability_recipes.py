@@ -168,7 +168,7 @@ def test_only_the_terms_switched_on_are_logged_and_weighted():
                                                                                   targets=_targets())
     assert "loss/tv/up1.0" in metrics and not any(k.startswith(("loss/cwg", "loss/dcml", "loss/flow"))
                                                    for k in metrics)
-    assert float(loss) == pytest.approx(0.5 * float(metrics["loss/tv/up1.0"]), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(0.5 * float(metrics["loss/tv/up1.0"]), rel=1e-6)
 
 
 def test_recipe_layers_that_do_not_exist_are_refused():
@@ -217,7 +217,7 @@ def test_a_few_training_steps_with_every_recipe_term_on(tmp_path):
     from train import Trainer
 
     weights = {"stability.flow": 0.5, "stability.cwg": 2.0, "stability.tv": 0.1, "stability.dcml": 0.05,
-               "stability.position": 0, "stability.placement": 0}
+               "stability.position": 0, "stability.placement": 0, "stability.sink": 0}
     cfg = load_config(overrides=tiny_overrides(tmp_path, **weights, **{"train.max_steps": 3}))
     trainer = Trainer(cfg)
     seen = []

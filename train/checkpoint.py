@@ -196,7 +196,9 @@ def load_checkpoint(path: str | Path, overrides: Sequence[str] = (), device: tor
     from models.build import load_trained_model
 
     ckpt = resolve_checkpoint(path)
-    cfg = load_config(files=[ckpt / "config.yaml"], overrides=list(overrides))
+    # The saved config is fully resolved: a key it lacks is newer than the run, which ran as that
+    # key's schema default, so today's default.yaml must not fill it in.
+    cfg = load_config(files=[ckpt / "config.yaml"], overrides=list(overrides), defaults=False)
     model = load_trained_model(cfg.model, ckpt / "model").to(device).eval()
     state = ckpt / "train_state.json"
     step = json.loads(state.read_text()).get("step") if state.is_file() else None
