@@ -205,9 +205,10 @@ def _config_key(cfg) -> str:
     return hashlib.sha256(json.dumps(_plain(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
-# Keys that say how a run was watched or resumed, not what it trained: a run cached with
-# `tracker.kind=none train.cpu_threads=1` is the same run as one with W&B and every core.
-_NOT_THE_RUN = (("train", "resume"), ("train", "cpu_threads"), ("tracker", None))
+# Keys that say how a run was watched, resumed or where it was written, not what it trained: a
+# run cached with `tracker.kind=none train.cpu_threads=1` is the same run as one with W&B and every
+# core, and a run trained under another `--out` and moved into this one is the same run too.
+_NOT_THE_RUN = (("train", "resume"), ("train", "cpu_threads"), ("train", "output_dir"), ("tracker", None))
 
 
 def _plain(cfg) -> dict[str, Any]:

@@ -68,16 +68,19 @@ def test_a_result_cached_before_the_schema_grew_is_still_found(tmp_path):
 
 
 def test_how_a_run_was_watched_does_not_make_it_another_run(tmp_path):
-    """The tracker, the CPU thread count and train.resume do not change the trained model: a
-    result cached under `tracker.kind=none train.cpu_threads=1` serves a request without them,
-    by key and through config.yaml; a real difference (the learning rate) still misses."""
+    """The tracker, the CPU thread count, train.resume and the run's directory do not change the
+    trained model: a result cached under `tracker.kind=none train.cpu_threads=1`, trained under
+    another --out, serves a request without them, by key and through config.yaml; a real
+    difference (the learning rate) still misses."""
     import json
 
     from apps.experiment import _cached, _config_key, _plain, arm_config
     from configs.loader import to_yaml
 
-    quiet = arm_config("configs/experiments/baseline.yaml", tmp_path, 0, ["tracker.kind=none", "train.cpu_threads=1"])
+    quiet = arm_config("configs/experiments/baseline.yaml", tmp_path / "elsewhere", 0,
+                       ["tracker.kind=none", "train.cpu_threads=1"])
     plain = arm_config("configs/experiments/baseline.yaml", tmp_path, 0, ["train.resume=latest"])
+    assert quiet.train.output_dir != plain.train.output_dir
     assert _config_key(quiet) == _config_key(plain)
     run = tmp_path / "baseline" / "seed0"
     run.mkdir(parents=True)
@@ -88,5 +91,6 @@ def test_how_a_run_was_watched_does_not_make_it_another_run(tmp_path):
     other = arm_config("configs/experiments/baseline.yaml", tmp_path, 0, ["optim.lr=0.5"])
     # The key is a hash of `_plain`: the bookkeeping is out of it, the learning rate in it.
     assert "tracker" not in _plain(plain) and _plain(plain)["train"]["cpu_threads"] is None
+    assert _plain(plain)["train"]["output_dir"] is None
     assert _plain(other)["optim"]["lr"] == 0.5 and _plain(plain)["optim"]["lr"] == pytest.approx(1e-3)
     assert _cached(run, _config_key(other), 64, other) is None
