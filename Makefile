@@ -47,7 +47,9 @@ bench: $(STAMP)
 
 # The stability-loss experiment: baseline vs four regularised arms (the variance, the I²AM authors' recipe,
 # the anchored terms, Leffa's flow loss), each on seeds 0, 1, 2, same data and steps -> a markdown table.
+# The anchored arm runs on the default model (16 null tokens); baseline_null is its control.
 experiment: $(STAMP)
 	$(PY) -m apps.experiment configs/experiments/baseline.yaml configs/experiments/refined.yaml \
-		configs/experiments/authors.yaml configs/experiments/anchored.yaml configs/experiments/flow.yaml \
+		configs/experiments/authors.yaml configs/experiments/baseline_null.yaml \
+		configs/experiments/anchored.yaml configs/experiments/flow.yaml \
 		--seeds 0,1,2 $(ARGS)

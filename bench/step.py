@@ -21,7 +21,8 @@ Side by side in one invocation, for each size:
   around its true garment position, from the fused moments; `placement`: each garment
   cell's attention over the image around where it is worn, one more SDPA call per layer
   with q and k swapped, over `stability.placement_cells` garment cells sampled per layer
-  and step, the default run's setting), the targets built every step;
+  and step, the default run's setting) and `sink` (the grid mass, the coordinate
+  columns' fourth, of the queries off the worn garment), the targets built every step;
 * anchored-all: the same with `placement` over every garment cell (`placement_cells=0`);
 * 2-call: the dispersion statistics from a second, separate fused SDPA call on the
   kept q/k (what a layer with a non-default processor gets);
@@ -32,7 +33,9 @@ Sizes: toy (the default config's UNet, 16x12 latent, 48 garment tokens,
 batch 16); "sd15" on CUDA (SD-1.5 shapes, 64x48 latent, 16 cross-attention
 layers, 8 heads, 768 reference tokens, batch 2, bf16 autocast) or, on CPU, a
 reduced SD-like UNet with the same layer count, grid and tokens (channels
-64/128/256/256, batch 1). Weights are random; cost does not depend on them.
+64/128/256/256, batch 1). The garment tokens are preceded by `--null-tokens` extra tokens
+(default 16, the default model's `model.garment.null_tokens`) in every mode, plain included.
+Weights are random; cost does not depend on them.
 Each size runs in its own process. Time: the modes take turns step by step for
 `--steps` × `--repeats` rounds; each mode's median step, with the normal
 allocator. Peak memory afterwards, one step per mode, lowest of `--repeats`, as
@@ -67,12 +70,15 @@ SIZES = {
 }
 # The default run's sampled-cell count (configs/default.yaml: stability.placement_cells).
 PLACEMENT_CELLS = 16
+# The default model's content-free tokens before the garment grid (model.garment.null_tokens).
+NULL_TOKENS = 16
 MODES = ("plain", "fused", "colour", "anchored", "anchored-all", "2-call", "naive")
 
 
-def build_step(size: str, device: str, batch: int | None = None) -> dict:
+def build_step(size: str, device: str, batch: int | None = None, extra_tokens: int = 0) -> dict:
     """The UNet, its optimizer and one batch of random inputs for `size` (shared with
-    bench/authors_cost.py): keys spec, unet, opt, x, ctx, t, generator."""
+    bench/authors_cost.py), the context with ``extra_tokens`` tokens before the garment grid:
+    keys spec, unet, opt, x, ctx, t, generator."""
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -86,7 +92,7 @@ def build_step(size: str, device: str, batch: int | None = None) -> dict:
     torch.manual_seed(0)
     unet = UNet2DConditionModel(in_channels=2 * c + 1, out_channels=c, **kwargs).to(device)
     g = torch.Generator().manual_seed(0)
-    n_tok = spec["grid"][0] * spec["grid"][1]
+    n_tok = extra_tokens + spec["grid"][0] * spec["grid"][1]
     return dict(spec=spec, unet=unet, opt=torch.optim.AdamW(unet.parameters(), lr=1e-5), generator=g,
                 x=torch.randn(b, 2 * c + 1, h, w, generator=g).to(device),
                 ctx=torch.randn(b, n_tok, kwargs["cross_attention_dim"], generator=g).to(device),
@@ -145,7 +151,8 @@ def run_workers(script: str, sizes: list[str], **job) -> list[dict]:
 
 
 def worker(size: str, device: str, steps: int, repeats: int, threads: int | None = None,
-           modes: tuple[str, ...] = MODES, batch: int | None = None, profile: str | None = None) -> dict:
+           modes: tuple[str, ...] = MODES, batch: int | None = None, profile: str | None = None,
+           null_tokens: int = NULL_TOKENS) -> dict:
     import torch
 
     if threads:
@@ -155,7 +162,7 @@ def worker(size: str, device: str, steps: int, repeats: int, threads: int | None
     from configs.schema import StabilityConfig
     from losses.stability import AttentionTargets, StabilityLoss
 
-    built = build_step(size, device, batch if size != "toy" else None)
+    built = build_step(size, device, batch if size != "toy" else None, null_tokens)
     spec, unet, opt, x, ctx, t, g = (built[k] for k in ("spec", "unet", "opt", "x", "ctx", "t", "generator"))
     (h, w), b = spec["latent"], spec["batch"]
     mask = torch.ones(b, 1, h, w, device=device)
@@ -196,10 +203,11 @@ def worker(size: str, device: str, steps: int, repeats: int, threads: int | None
         if mode == "plain":
             return None, None
         fused = mode in ("fused", "colour", "anchored", "anchored-all")
-        monitor = AttentionMonitor(unet, spec["grid"], keep_last=True, moments=fused, record=False)
+        monitor = AttentionMonitor(unet, spec["grid"], null_tokens, keep_last=True, moments=fused, record=False)
+        sink = 1.0 if null_tokens else 0.0  # the term needs extra tokens to move attention onto
         cfg = {"colour": StabilityConfig(colour=1.0),
-               "anchored": StabilityConfig(position=1.0, placement=1.0, placement_cells=PLACEMENT_CELLS),
-               "anchored-all": StabilityConfig(position=1.0, placement=1.0, placement_cells=0),
+               "anchored": StabilityConfig(position=1.0, placement=1.0, placement_cells=PLACEMENT_CELLS, sink=sink),
+               "anchored-all": StabilityConfig(position=1.0, placement=1.0, placement_cells=0, sink=sink),
                }.get(mode, StabilityConfig(dispersion=1.0))
         return monitor, StabilityLoss(cfg, explicit=mode == "naive")
 
@@ -250,6 +258,9 @@ def main() -> None:
                         help="batch of the SD-like size (default: 2 on CUDA, 1 on CPU); the toy size keeps 16")
     parser.add_argument("--profile", default=None, metavar="MODE",
                         help="also print the top operators of MODE's step (torch.profiler, 3 steps) per size")
+    parser.add_argument("--null-tokens", type=int, default=NULL_TOKENS,
+                        help="extra tokens before the garment grid in every mode (the default model's "
+                             f"model.garment.null_tokens, {NULL_TOKENS}); 0 also drops the sink term from anchored")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -267,7 +278,7 @@ def main() -> None:
     if args.profile and args.profile not in modes:
         parser.error(f"--profile {args.profile}: not among the timed modes {','.join(modes)}")
     rows = run_workers(__file__, sizes, device=device, steps=args.steps, repeats=args.repeats, threads=args.threads,
-                       modes=modes, batch=args.batch, profile=args.profile)
+                       modes=modes, batch=args.batch, profile=args.profile, null_tokens=args.null_tokens)
     for what, key, unit, scale, fmt in (("time per step", "times", "ms", 1e3, ".1f"),
                                         ("peak memory", "peaks", "MiB", 2.0**-20, ".0f")):
         header = (f"{what + ' (' + unit + ')':<22} {'xattn':>5} {'batch':>5} | "

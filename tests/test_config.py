@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from configs import ConfigError, load_config
 from configs.loader import VALID_KEYS
@@ -22,12 +23,16 @@ def test_default_run_trains_with_the_anchored_recipe_and_the_baseline_without():
     """The default's stability terms are the anchored arm's, so the experiment measures the default."""
     from dataclasses import asdict
 
-    default = asdict(load_config().stability)
-    assert default == asdict(load_config(files=["configs/experiments/anchored.yaml"]).stability)
-    assert default["position"] > 0 and default["placement"] > 0
-    baseline = asdict(load_config(files=["configs/experiments/baseline.yaml"]).stability)
-    weights = ("dispersion", "atv", "concentration", "colour", "position", "placement", "flow", "cwg", "tv", "dcml")
-    assert all(baseline[k] == 0 for k in weights)
+    default, anchored = load_config(), load_config(files=["configs/experiments/anchored.yaml"])
+    assert asdict(default.stability) == asdict(anchored.stability)
+    assert asdict(default.model) == asdict(anchored.model)  # the null tokens the sink term needs
+    assert default.stability.position > 0 and default.stability.placement > 0 and default.stability.sink > 0
+    assert default.model.garment.null_tokens > 0
+    weights = ("dispersion", "atv", "concentration", "colour", "position", "placement", "sink", "flow", "cwg", "tv",
+               "dcml")
+    for control in ("baseline", "baseline_null"):
+        baseline = asdict(load_config(files=[f"configs/experiments/{control}.yaml"]).stability)
+        assert all(baseline[k] == 0 for k in weights), control
 
 
 def test_default_yaml_states_only_what_differs_from_the_schema():
@@ -136,11 +141,23 @@ def _same_but_the_stability_loss(control: str, arm: str) -> tuple[dict, dict]:
     return base, other
 
 
-@pytest.mark.parametrize("arm", ["refined", "finetune", "concentration", "authors", "anchored", "position", "flow",
-                                 "recommended"])
-def test_experiment_arms_differ_from_the_baseline_only_in_the_stability_loss(arm):
-    """Same seed, data, model and steps in every arm: the comparison is only about the loss."""
-    _same_but_the_stability_loss("baseline", arm)
+@pytest.mark.parametrize("control, arm", [(c, a) for c in ("baseline",) for a in (
+    "refined", "finetune", "concentration", "authors", "position", "flow", "recommended")] + [("baseline_null", "anchored")])
+def test_experiment_arms_differ_from_the_baseline_only_in_the_stability_loss(control, arm):
+    """Same seed, data, model and steps in every arm: the comparison is only about the loss.
+    `anchored` runs on the default model (null tokens), so its control is `baseline_null`."""
+    _same_but_the_stability_loss(control, arm)
+
+
+def test_the_two_baselines_differ_only_in_the_null_tokens():
+    from dataclasses import asdict
+
+    plain = asdict(load_config(files=["configs/experiments/baseline.yaml"]))
+    null = asdict(load_config(files=["configs/experiments/baseline_null.yaml"]))
+    assert (plain["model"]["garment"].pop("null_tokens"), null["model"]["garment"].pop("null_tokens")) == (0, 16)
+    plain["train"].pop("output_dir"), null["train"].pop("output_dir")
+    plain.pop("tracker"), null.pop("tracker")
+    assert plain == null
 
 
 @pytest.mark.parametrize("arm", ["tune_every", "tune_recommended"])
@@ -209,7 +226,8 @@ def test_string_keys_keep_numbers_and_words_as_written():
     assert (cfg.tracker.run_name, cfg.tracker.project, cfg.data.root) == ("on", "1e3", "yes")
     assert cfg.train.resume is None  # null is still "unset" for an Optional key
     # typed keys are unchanged: booleans and numbers are still parsed
-    cfg = load_config(overrides=["monitor.enabled=no", "stability.position=0", "stability.placement=0", "data.use_pose=off", "optim.lr=1e-3",
+    cfg = load_config(overrides=["monitor.enabled=no", "stability.position=0", "stability.placement=0", "stability.sink=0",
+                                 "data.use_pose=off", "optim.lr=1e-3",
                                  "train.max_steps=9"])
     assert cfg.monitor.enabled is False and cfg.data.use_pose is False
     assert cfg.optim.lr == pytest.approx(1e-3) and cfg.train.max_steps == 9
@@ -231,7 +249,7 @@ def test_unquoted_no_in_a_yaml_file_says_to_quote_it(tmp_path):
 def test_pose_settings_must_agree(tmp_path):
     """data.use_pose loads a pose image the UNet only uses with model.unet.use_pose (and the
     reverse needs the image): a mismatch is a config error before anything is built."""
-    real = ["data.name=viton_hd", f"data.root={tmp_path}", "stability.position=0", "stability.placement=0", "stability.placement=0"]
+    real = ["data.name=viton_hd", f"data.root={tmp_path}", "stability.position=0", "stability.placement=0", "stability.sink=0"]
     with pytest.raises(ConfigError) as err:
         load_config(overrides=[*real, "data.use_pose=true"])
     msg = str(err.value)
@@ -252,5 +270,33 @@ def test_pose_mismatch_stops_train_py_before_writing(tmp_path, capsys):
     spec.loader.exec_module(train_script)
     out = tmp_path / "run"
     code = train_script.main([f"train.output_dir={out}", "data.name=dresscode", f"data.root={tmp_path}",
-                              "data.use_pose=true", "stability.position=0", "stability.placement=0", "stability.placement=0"])
+                              "data.use_pose=true", "stability.position=0", "stability.placement=0", "stability.sink=0"])
     assert code == 2 and "model.unet.use_pose" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_saved_config_from_before_a_key_existed_loads_as_that_run_behaved(tmp_path, monkeypatch):
+    """A run's config.yaml is fully resolved. A key added to the schema since (here `stability.sink`,
+    which today's default.yaml switches on) must come back at its schema default, the value the
+    run trained with, not at today's default run's: that would even refuse the old run's model
+    (no null tokens)."""
+    import models.build
+    from configs.loader import to_yaml
+    from train.checkpoint import load_checkpoint
+
+    old = to_yaml(load_config(overrides=["model.garment.null_tokens=0", "stability.sink=0"]))
+    assert "  sink: 0.0\n" in old
+    saved = tmp_path / "config.yaml"
+    saved.write_text(old.replace("  sink: 0.0\n", ""))  # as a run written before the key existed
+    with pytest.raises(ConfigError, match="stability.sink=0.03 .*null_tokens=0 has none"):
+        load_config(files=[saved])
+    cfg = load_config(files=[saved], defaults=False)
+    assert cfg.stability.sink == 0 and cfg.model.garment.null_tokens == 0
+    assert cfg.stability.placement == load_config().stability.placement  # the rest as saved
+    # What loads checkpoints for evaluation, analysis and diagnosis reads it so (weights stubbed:
+    # the config is the point here).
+    (tmp_path / "model").mkdir()
+    built = []
+    monkeypatch.setattr(models.build, "load_trained_model",
+                        lambda model_cfg, weights: built.append(model_cfg) or torch.nn.Linear(1, 1))
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.cfg.stability.sink == 0 and built[0].garment.null_tokens == 0

@@ -43,7 +43,8 @@ FAULT_SCALE = -3.0
 TRAIN = {"data.resolution": "[16,12]", "model.garment.grid": "[4,3]", "data.patterns": "[solid]",
          "train.max_steps": 200, "train.checkpoint_every": 200, "train.batch_size": 16, "optim.lr": 3e-3,
          "optim.warmup_steps": 10, "train.log_every": 50, "diffusion.prediction_type": "v_prediction",
-         "diffusion.snr_gamma": 5.0, "model.unet.mask_coords": False, "stability.position": 0, "stability.placement": 0}
+         "diffusion.snr_gamma": 5.0, "model.unet.mask_coords": False, "stability.position": 0, "stability.placement": 0, "stability.sink": 0,
+         "model.garment.null_tokens": 0}
 
 
 # ----------------------------------------------------------------------------- the repair processor

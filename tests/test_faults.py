@@ -90,12 +90,12 @@ def test_two_cpu_ranks_agree_and_log_global_means(tmp_path):
 # -- resuming on another number of processes ----------------------------------------------------
 # Global batch 8 per micro-step (8 x 1 process or 4 x 2 ranks), 2 micro-steps per step, 6 steps, a
 # linear warm-up of 4 steps across the interruption at step 3, EMA and guidance dropout on.
-# stability.position=0, stability.placement=0: the anchored terms average over each rank's own worn-garment queries, so
+# stability.position=0, stability.placement=0, stability.sink=0: the anchored terms average over each rank's own worn-garment queries, so
 # with them on a run on 2 processes computes a (slightly) different loss than on 1
 # (docs/distributed.md); the resume itself is what these tests check.
 CROSS = {"train.max_steps": 6, "train.grad_accum": 2, "train.checkpoint_every": 3, "optim.warmup_steps": 4,
          "optim.lr_scheduler": "linear", "optim.lr": 1e-3, "model.cfg_drop_prob": 0.3, "data.num_val": 2,
-         "stability.position": 0, "stability.placement": 0}
+         "stability.position": 0, "stability.placement": 0, "stability.sink": 0}
 GLOBAL_BATCH = 8
 
 

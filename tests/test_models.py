@@ -58,7 +58,7 @@ def test_model_shapes_and_input_channels(tiny_model):
     assert cond.shape == (2, c + 1 + 2, 16, 12)
     out = tiny_model(torch.randn(2, c, 16, 12), torch.tensor([10, 900]), cond, torch.zeros(2, 3, 32, 24))
     assert out.shape == (2, c, 16, 12)
-    assert tiny_model.reference_grid == (8, 6) and tiny_model.extra_tokens == 0
+    assert tiny_model.reference_grid == (8, 6) and tiny_model.extra_tokens == 16  # the default null tokens
 
 
 def test_pose_adds_latent_channels():

@@ -19,7 +19,7 @@ def setup(tmp_path_factory):
     """A tiny model with the monitor attached (as the trainer builds it) and a synthetic batch."""
     # Every stability weight at 0 (the default run's position term off): the tests switch terms on.
     cfg = load_config(overrides=tiny_overrides(tmp_path_factory.mktemp("obj"), **{"train.max_steps": 1,
-                                                                                  "stability.position": 0, "stability.placement": 0}))
+                                                                                  "stability.position": 0, "stability.placement": 0, "stability.sink": 0}))
     trainer = Trainer(cfg)
     batch = default_collate([trainer.train_set[i] for i in range(4)])
     yield trainer, batch

@@ -52,7 +52,7 @@ def test_monitor_leaves_training_loss_unchanged(tmp_path):
     for enabled in (True, False):
         cfg = load_config(overrides=tiny_overrides(tmp_path / str(enabled), **{"train.max_steps": 2,
                                                                               "monitor.enabled": enabled,
-                                                                              "stability.position": 0, "stability.placement": 0}))
+                                                                              "stability.position": 0, "stability.placement": 0, "stability.sink": 0}))
         trainer = Trainer(cfg)
         trainer.fit()
         trainer.close()

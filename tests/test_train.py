@@ -231,7 +231,7 @@ def test_summary_reports_colour_errors(tmp_path):
     assert list((tmp_path / "run" / "images").glob("val_samples_*.png"))
     # the default run's stability recipe is named in the summary
     assert summary["stability"] == (f"position {cfg.stability.position:g} + placement {cfg.stability.placement:g} "
-                                    "on every monitored layer; every t")
+                                    f"+ sink {cfg.stability.sink:g} on every monitored layer; every t")
     assert "stability loss   position" in format_summary(summary)
 
 

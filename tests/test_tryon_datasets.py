@@ -238,7 +238,7 @@ def test_missing_file_stops_the_trainer_before_the_run_dir_exists(tmp_path):
     run = tmp_path / "run"
     cfg = load_config(overrides=["data.name=viton_hd", f"data.root={root}", "data.resolution=[32,24]",
                                  f"train.output_dir={run}", "tracker.kind=none", "model.unet.size=test",
-                                 "stability.position=0", "stability.placement=0", "stability.placement=0"])
+                                 "stability.position=0", "stability.placement=0", "stability.sink=0"])
     with pytest.raises(DatasetError, match=str(gone)):
         Trainer(cfg)
     assert not run.exists()
