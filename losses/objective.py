@@ -6,7 +6,8 @@ One call per micro-batch does, in this order:
 2. draw the guidance dropout, then the noise and t (`DiffusionLoss.noised`), once;
 3. give the monitor this batch's colour anchors (`i2am.dispersion.colour_anchors`),
    so every monitored layer's own attention call also returns what the
-   colour-anchored term needs;
+   colour-anchored term needs (they stay set through the backward, which re-runs
+   the forward under gradient checkpointing);
 4. run the model once;
 5. the diffusion loss of the prediction, plus the stability terms read from the
    monitor's statistics of that forward (`last_attention()`) against the batch's
@@ -105,13 +106,17 @@ class TryOnObjective:
 
     @contextlib.contextmanager
     def _anchored(self, tryon: Any, batch: Mapping[str, Any]) -> Iterator[None]:
-        """The monitor carries this batch's colour anchors inside the block and none after, also
-        on errors: the sampler's next forward (twice the batch under guidance) must not see them."""
+        """The monitor carries this batch's colour anchors from the block on, and still after it:
+        with gradient checkpointing the backward re-runs each layer's forward, and that re-run
+        must compute what the first run did (the same value columns, the same saved tensors), so
+        the anchors stay until the next batch's replace them, or until a sampling run clears
+        them (`train.monitoring.MonitorHooks.recording`). On an error they are cleared at once."""
         if self.monitor is None:
             yield
             return
         self.monitor.set_anchors(colour_anchors(batch["garment"], tryon.reference_grid))
         try:
             yield
-        finally:
+        except BaseException:
             self.monitor.set_anchors(None)
+            raise

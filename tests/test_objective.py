@@ -46,7 +46,12 @@ def test_with_zero_weights_the_loss_is_the_plain_diffusion_loss_of_the_same_draw
     names = {k.split("/")[-1] for k in metrics if k.startswith("i2am/colour_var/")}
     assert "mean" in names and len(names) == 1 + len(trainer.hooks.monitor.layers)
     assert {f"i2am/centre_error/{n}" for n in names} <= set(metrics)  # synthetic data: garment_pos known
-    assert trainer.hooks.monitor._anchors is None  # cleared after the forward
+    # The anchors stay for the backward (gradient checkpointing re-runs the forward there) ...
+    from i2am.dispersion import colour_anchors
+    assert torch.equal(trainer.hooks.monitor._anchors, colour_anchors(batch["garment"], model.reference_grid))
+    # ... until a sampling run starts recording
+    with trainer.hooks.recording(2):
+        assert trainer.hooks.monitor._anchors is None
 
 
 def test_colour_weight_adds_the_logged_colour_variance_with_gradient(setup):

@@ -199,8 +199,10 @@ def test_loss_target_and_weights_from_the_config(tmp_path, prediction, gamma):
 def _one_step_grads(tmp_path: Path, checkpointing: bool) -> SimpleNamespace:
     """One training step's gradients (caught before the optimizer step), metrics, the monitor's
     last moments, and how often a monitored attention layer ran."""
+    # colour: the anchored values ride in the checkpointed layers' own attention call, so the
+    # backward's re-run must see the same anchors; sink: the grid mass of the null tokens.
     trainer = _trainer(tmp_path, **{"model.unet.gradient_checkpointing": checkpointing,
-                                    "stability.dispersion": 0.5, "stability.atv": 0.5,
+                                    "stability.dispersion": 0.5, "stability.atv": 0.5, "stability.colour": 0.5,
                                     "optim.max_grad_norm": 1e9})
     unet, names = trainer.unwrapped.unet, trainer.unwrapped.trainable_parameters()
     layer = next(m for n, m in unet.named_modules() if n.endswith("attn2"))

@@ -47,6 +47,7 @@ class MonitorHooks:
         """Record maps while inside: pass the yielded monitor to the `models.Sampler` run of
         `num_steps` steps (it chooses the samples to record: the conditional half under guidance)."""
         self.monitor.reset(num_steps=num_steps, time_groups=min(self.cfg.time_groups, num_steps))
+        self.monitor.set_anchors(None)  # the last training batch's (kept for its backward) are not this run's
         self.monitor.record = True
         try:
             yield self.monitor
