@@ -169,6 +169,19 @@ def test_fine_tune_arms_differ_from_their_control_only_in_the_stability_loss(arm
     assert base["train"]["init_from"] == "{out}/baseline/seed{seed}"
 
 
+def test_the_default_recipe_fine_tune_arms_differ_only_in_where_it_acts():
+    """On the default model: the recipe on every layer against the same recipe where the
+    diagnosis points (its layers and t window), both from baseline_null."""
+    every, recommended = _same_but_the_stability_loss("tune_anchored_every", "tune_anchored_recommended")
+    assert every["train"]["init_from"] == "{out}/baseline_null/seed{seed}"
+    assert {k: v for k, v in every["stability"].items() if k not in ("layers", "t_max")} == \
+        {k: v for k, v in recommended["stability"].items() if k not in ("layers", "t_max")}
+    from dataclasses import asdict
+
+    assert every["stability"] == asdict(load_config().stability)  # the default run's recipe
+    assert (every["stability"]["layers"], recommended["stability"]["t_max"]) == (None, 800)
+
+
 # ------------------------------------------------------------------ command line and YAML spellings
 def test_config_file_and_overrides_in_any_order(tmp_path):
     """`launch/slurm.sh` puts `train.resume=latest` before the user's `--config FILE key=value`."""
