@@ -79,6 +79,9 @@ class Recipe:
     combine: str
 
 
+# The weights of the terms `stability.layers` chooses the layers of (the recipes choose their own).
+OWN_TERMS = ("dispersion", "atv", "concentration", "colour", "position", "placement", "sink")
+
 RECIPES = (Recipe("flow", ("flow",), "flow_layers", "mean"),          # Leffa
            Recipe("authors", ("cwg", "tv", "dcml"), "authors_layers", "sum"))  # the I²AM authors' code adds layers
 
@@ -114,15 +117,14 @@ class AttentionTargets:
                 if self.keep is not None:
                     keep = self.keep.to(worn.device).view(-1, 1)
                     worn, off = worn & keep, off & keep
-            self._grids[grid] = (worn, colour, pos)
-            self._grids[("off", grid)] = off
-        return self._grids[grid]
+            self._grids[grid] = (worn, colour, pos, off)
+        return self._grids[grid][:3]
 
     def off_garment(self, grid: tuple[int, int]) -> torch.Tensor:
         """(B, N_q) bool: the queries whose cell shows no worn garment pixel at all (of the samples
         kept); partly covered cells are neither worn nor off."""
         self.on_grid(grid)
-        return self._grids[("off", tuple(grid))]
+        return self._grids[tuple(grid)][3]
 
     def places(self, reference_grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(where each garment cell is worn (B, N_grid, 2), relative (y, x) on the person; the
@@ -167,8 +169,7 @@ class StabilityLoss:
 
     @property
     def active(self) -> bool:
-        t = self.terms
-        return bool(t.dispersion or t.atv or t.concentration or t.colour or t.position or t.placement or t.sink)
+        return any(getattr(self.terms, k) for k in OWN_TERMS)
 
     def _selected(self, stats: Mapping) -> list[str]:
         return list(stats) if self.selectors is None else _match(stats, self.selectors, "stability.layers")
@@ -366,8 +367,7 @@ class StabilityLoss:
 def describe(cfg: StabilityConfig) -> str:
     """One line for the run summary: which terms are on, at what weight, where and when;
     "off" when none is."""
-    own = [k for k in ("dispersion", "atv", "concentration", "colour", "position", "placement", "sink")
-           if getattr(cfg, k)]
+    own = [k for k in OWN_TERMS if getattr(cfg, k)]
     parts = []
     if own:
         layers = ", ".join(cfg.layers) if cfg.layers else "every monitored layer"

@@ -172,12 +172,12 @@ def test_fine_tune_arms_differ_from_their_control_only_in_the_stability_loss(arm
 def test_the_default_recipe_fine_tune_arms_differ_only_in_where_it_acts():
     """On the default model: the recipe on every layer against the same recipe where the
     diagnosis points (its layers and t window), both from baseline_null."""
+    from dataclasses import asdict
+
     every, recommended = _same_but_the_stability_loss("tune_anchored_every", "tune_anchored_recommended")
     assert every["train"]["init_from"] == "{out}/baseline_null/seed{seed}"
     assert {k: v for k, v in every["stability"].items() if k not in ("layers", "t_max")} == \
         {k: v for k, v in recommended["stability"].items() if k not in ("layers", "t_max")}
-    from dataclasses import asdict
-
     assert every["stability"] == asdict(load_config().stability)  # the default run's recipe
     assert (every["stability"]["layers"], recommended["stability"]["t_max"]) == (None, 800)
 

@@ -80,7 +80,8 @@ def test_how_a_run_was_watched_does_not_make_it_another_run(tmp_path):
     quiet = arm_config("configs/experiments/baseline.yaml", tmp_path / "elsewhere", 0,
                        ["tracker.kind=none", "train.cpu_threads=1"])
     plain = arm_config("configs/experiments/baseline.yaml", tmp_path, 0, ["train.resume=latest"])
-    assert quiet.train.output_dir != plain.train.output_dir
+    assert (quiet.train.output_dir, plain.train.output_dir) == (str(tmp_path / "elsewhere" / "baseline" / "seed0"),
+                                                                str(tmp_path / "baseline" / "seed0"))
     assert _config_key(quiet) == _config_key(plain)
     run = tmp_path / "baseline" / "seed0"
     run.mkdir(parents=True)
