@@ -44,12 +44,15 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/monitor.py
 	$(PY) bench/step.py
+	$(PY) bench/warp.py
 
 # The stability-loss experiment: baseline vs four regularised arms (the variance, the I²AM authors' recipe,
 # the anchored terms, Leffa's flow loss), each on seeds 0, 1, 2, same data and steps -> a markdown table.
-# The anchored arm runs on the default model (16 null tokens); baseline_null is its control.
+# The anchored arm runs on the model with 16 null tokens (baseline_null is its control); anchored_warp
+# is the default run, that model with the attention warp (warp is its control).
 experiment: $(STAMP)
 	$(PY) -m apps.experiment configs/experiments/baseline.yaml configs/experiments/refined.yaml \
 		configs/experiments/authors.yaml configs/experiments/baseline_null.yaml \
 		configs/experiments/anchored.yaml configs/experiments/flow.yaml \
+		configs/experiments/warp.yaml configs/experiments/anchored_warp.yaml \
 		--seeds 0,1,2 $(ARGS)

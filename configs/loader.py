@@ -180,6 +180,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"data.resolution {list(cfg.data.resolution)} is not divisible by model.codec.pixel_factor={factor}"
         )
+    if cfg.model.warp.enabled and cfg.diffusion.prediction_type != "sample":
+        raise ConfigError(
+            f"model.warp.enabled=true blends the warped garment into the clean-image prediction, but "
+            f"diffusion.prediction_type={cfg.diffusion.prediction_type!r}; set diffusion.prediction_type=sample "
+            f"or model.warp.enabled=false")
     st = cfg.stability
     weights = {k: getattr(st, k) for k in ("dispersion", "atv", "concentration", "colour", "position",
                                                     "placement", "sink", "flow", "cwg", "tv", "dcml")}

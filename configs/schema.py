@@ -72,10 +72,21 @@ class GarmentEncoderConfig:
 
 
 @dataclass
+class WarpConfig:
+    """The attention warp (models/warp.py): the garment resampled at one cross-attention layer's
+    attention centres, blended into the x0 prediction through a gate channel the UNet learns.
+    Needs diffusion.prediction_type=sample."""
+
+    enabled: bool = False
+    layer: Optional[str] = None  # module path of a cross-attention layer; None = the UNet's last
+
+
+@dataclass
 class ModelConfig:
     codec: CodecConfig = field(default_factory=CodecConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     garment: GarmentEncoderConfig = field(default_factory=GarmentEncoderConfig)
+    warp: WarpConfig = field(default_factory=WarpConfig)
     # classifier-free guidance: probability of replacing garment tokens by learned null tokens
     cfg_drop_prob: float = 0.1
 

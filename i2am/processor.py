@@ -34,7 +34,7 @@ from .dispersion import attention_with_moments
 if TYPE_CHECKING:  # pragma: no cover
     from .monitor import AttentionMonitor
 
-__all__ = ["LayerRecorder", "MonitorProcessor", "attention_statistics"]
+__all__ = ["LayerRecorder", "MonitorProcessor", "attention_statistics", "query_key"]
 
 
 class LayerRecorder:
@@ -127,6 +127,14 @@ def _prelude(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torc
     return dict(residual=residual, input_ndim=input_ndim, shape=(batch_size, channel, height, width),
                 encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
                 query=query, key=key, head_dim=head_dim)
+
+
+def query_key(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head q (B, h, N_q, d) and k (B, h, N_k, d) of a diffusers ``Attention`` module for
+    these inputs, as ``AttnProcessor2_0`` computes them (norms, projections, head split)."""
+    pre = _prelude(attn, hidden_states, encoder_hidden_states, None, None)
+    return pre["query"], pre["key"]
 
 
 class MonitorProcessor:

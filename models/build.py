@@ -9,6 +9,7 @@ from .codec import build_codec
 from .garment import build_garment_encoder
 from .tryon import TryOnModel
 from .unet import build_unet
+from .warp import AttentionWarp
 
 
 def build_model(cfg: ModelConfig) -> TryOnModel:
@@ -16,7 +17,8 @@ def build_model(cfg: ModelConfig) -> TryOnModel:
     c = codec.latent_channels
     # noisy + agnostic + mask [+ pose] [+ mask-box coordinates]
     in_channels = c + c + 1 + (c if cfg.unet.use_pose else 0) + (2 if cfg.unet.mask_coords else 0)
-    unet = build_unet(cfg.unet.size, in_channels, c, cfg.unet.pretrained)
+    # With the warp the UNet also predicts its gates, one per latent channel (models/warp.py).
+    unet = build_unet(cfg.unet.size, in_channels, c, cfg.unet.pretrained, gates=cfg.warp.enabled)
     if cfg.unet.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     garment = build_garment_encoder(
@@ -24,7 +26,8 @@ def build_model(cfg: ModelConfig) -> TryOnModel:
         cfg.garment.pretrained, cfg.garment.clip_size, cfg.garment.freeze_backbone,
         cfg.garment.downsample, cfg.garment.mixer_layers, cfg.garment.null_tokens,
     )
-    return TryOnModel(codec, unet, garment, use_pose=cfg.unet.use_pose, mask_coords=cfg.unet.mask_coords)
+    warp = AttentionWarp(unet, garment.reference_grid, garment.extra_tokens, cfg.warp.layer) if cfg.warp.enabled else None
+    return TryOnModel(codec, unet, garment, use_pose=cfg.unet.use_pose, mask_coords=cfg.unet.mask_coords, warp=warp)
 
 
 def load_trained_model(cfg: ModelConfig, weights_dir: str | Path) -> TryOnModel:

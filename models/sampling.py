@@ -138,12 +138,16 @@ class Sampler:
                 progress: bool, latents: torch.Tensor | None = None, start_step: int = 0,
                 on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
         cond = model.condition(batch)
-        tokens = model.garment_tokens(batch["garment"])
+        garment = batch["garment"]
+        tokens = model.garment_tokens(garment)
         b, _, h, w = cond.shape
         guided, scale = self.guided, self.guidance_scale
+        drop = None
         if guided:
             cond = torch.cat([cond, cond])
             tokens = torch.cat([model.null_garment_tokens(b).to(tokens.dtype), tokens])
+            garment = torch.cat([garment, garment])
+            drop = torch.arange(2 * b, device=garment.device) < b  # the unconditional half
         shape = (b, model.latent_channels, h, w)
         scheduler = self.scheduler
         scheduler.set_timesteps(self.steps, device=cond.device)
@@ -158,13 +162,15 @@ class Sampler:
             else:
                 latents = torch.randn(shape, generator=generator, device=cond.device, dtype=tokens.dtype)
             latents = latents * scheduler.init_noise_sigma
+        # The warp's gates, held for the whole run (TryOnModel.warp_gate): from the noisiest step.
+        gate = model.warp_gate(cond, tokens, int(scheduler.config.num_train_timesteps) - 1)
         timesteps = scheduler.timesteps[start_step:]
         for k, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False), start_step):
             if on_step is not None:
                 on_step(k, latents)
             x = scheduler.scale_model_input(latents, t)
             x = torch.cat([x, x]) if guided else x
-            pred = model(x, t.expand(x.shape[0]), cond, tokens=tokens)
+            pred = model(x, t.expand(x.shape[0]), cond, garment, drop, tokens=tokens, gate=gate)
             if guided:
                 uncond, conditional = pred.chunk(2)
                 pred = uncond + scale * (conditional - uncond)

@@ -17,6 +17,7 @@ from torch import nn
 from .codec import LatentCodec, VAECodec
 from .garment import GarmentEncoder
 from .errors import ModelConfigError
+from .warp import AttentionWarp
 
 
 def mask_box_coordinates(mask: torch.Tensor) -> torch.Tensor:
@@ -43,13 +44,14 @@ def mask_box_coordinates(mask: torch.Tensor) -> torch.Tensor:
 
 class TryOnModel(nn.Module):
     def __init__(self, codec: LatentCodec, unet: nn.Module, garment_encoder: GarmentEncoder, use_pose: bool = False,
-                 mask_coords: bool = False) -> None:
+                 mask_coords: bool = False, warp: AttentionWarp | None = None) -> None:
         super().__init__()
         self.codec = codec.requires_grad_(False)
         self.unet = unet
         self.garment_encoder = garment_encoder
         self.use_pose = use_pose
         self.mask_coords = mask_coords
+        self.warp = warp
         # Classifier-free guidance: dropped garments are replaced by learned null tokens
         # (Paint-by-Example learns a null vector the same way).
         self.null_tokens = nn.Parameter(torch.zeros(1, garment_encoder.num_tokens, garment_encoder.dim))
@@ -96,15 +98,49 @@ class TryOnModel(nn.Module):
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor,
                 garment: torch.Tensor | None = None, drop: torch.Tensor | None = None,
-                tokens: torch.Tensor | None = None) -> torch.Tensor:
+                tokens: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the diffusion target. Pass `garment` (encoded here, so the encoder
-        trains through DDP's forward) or precomputed `tokens` (sampling)."""
+        trains through DDP's forward) or precomputed `tokens` (sampling). With the warp the
+        garment image is needed either way, `drop` (B,) marks the samples whose garment
+        was dropped for guidance (they get no warp), and `gate` fixes the warp's gates
+        (`warp_gate`) instead of this call's."""
         if tokens is None:
             if garment is None:
                 raise ValueError("TryOnModel.forward needs `garment` or `tokens`")
             tokens = self.garment_tokens(garment, drop)
         x = torch.cat([noisy, condition.to(noisy.dtype)], dim=1)
-        return self.unet(x, timesteps, encoder_hidden_states=tokens).sample
+        out = self.unet(x, timesteps, encoder_hidden_states=tokens).sample
+        if self.warp is None:
+            return out
+        if garment is None:
+            raise ValueError("TryOnModel.forward: the attention warp (model.warp) needs the `garment` image")
+        return self.warp(out, self.codec, garment, None if drop is None else ~drop, gate)
+
+    @torch.no_grad()
+    def warp_gate(self, condition: torch.Tensor, tokens: torch.Tensor, timestep: int) -> torch.Tensor | None:
+        """The warp's held gates (B, C, h, w) for a whole sampling run (None without the warp):
+        the UNet's gates for a zero latent at ``timestep``, the noisiest. Where they are open
+        (> 0.5) every step uses them; elsewhere each step's own gates decide.
+
+        Why: in training, at low noise the noisy latent already shows the answer, so the gates
+        learn to close there and copy it; in sampling it shows the model's own estimate, and the
+        last steps copied that blur onto the garment (docs/warp.md). Where the garment goes does
+        not depend on the noise: at the noisiest step the latent carries nothing, so its gates
+        are the condition's and the garment's alone. Off the garment the later steps still
+        close them (they see skin), which keeps garment colour off the arms. A zero latent makes
+        them independent of the seed, so a run resumed at any step holds the same ones.
+
+        Runs through `unet.forward`, not the module call: it is no sampling step to the hooks
+        that count or record the UNet's calls (the I²AM monitor, the diagnosis' repairs)."""
+        if self.warp is None:
+            return None
+        b, _, h, w = condition.shape
+        x = torch.cat([torch.zeros(b, self.latent_channels, h, w, dtype=tokens.dtype, device=condition.device),
+                       condition.to(tokens.dtype)], dim=1)
+        t = torch.full((b,), timestep, device=condition.device)
+        out = self.unet.forward(x, t, encoder_hidden_states=tokens).sample
+        self.warp.reader.take()  # its centres are not needed: each step warps with its own
+        return torch.sigmoid(out.chunk(2, dim=1)[1])
 
     # -- weights ---------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

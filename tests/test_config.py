@@ -20,17 +20,20 @@ def test_default_config_is_the_embedded_default():
 
 
 def test_default_run_trains_with_the_anchored_recipe_and_the_baseline_without():
-    """The default's stability terms are the anchored arm's, so the experiment measures the default."""
+    """The default's model and stability terms are the anchored_warp arm's, so the experiment measures
+    the default; the anchored arm is the same recipe on the model before the warp."""
     from dataclasses import asdict
 
-    default, anchored = load_config(), load_config(files=["configs/experiments/anchored.yaml"])
+    default, anchored = load_config(), load_config(files=["configs/experiments/anchored_warp.yaml"])
     assert asdict(default.stability) == asdict(anchored.stability)
-    assert asdict(default.model) == asdict(anchored.model)  # the null tokens the sink term needs
+    assert asdict(default.model) == asdict(anchored.model)  # the null tokens the sink term needs, the warp
     assert default.stability.position > 0 and default.stability.placement > 0 and default.stability.sink > 0
-    assert default.model.garment.null_tokens > 0
+    assert default.model.garment.null_tokens > 0 and default.model.warp.enabled
+    before = load_config(files=["configs/experiments/anchored.yaml"])
+    assert asdict(before.stability) == asdict(default.stability) and not before.model.warp.enabled
     weights = ("dispersion", "atv", "concentration", "colour", "position", "placement", "sink", "flow", "cwg", "tv",
                "dcml")
-    for control in ("baseline", "baseline_null"):
+    for control in ("baseline", "baseline_null", "warp"):
         baseline = asdict(load_config(files=[f"configs/experiments/{control}.yaml"]).stability)
         assert all(baseline[k] == 0 for k in weights), control
 
@@ -142,11 +145,23 @@ def _same_but_the_stability_loss(control: str, arm: str) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize("control, arm", [(c, a) for c in ("baseline",) for a in (
-    "refined", "finetune", "concentration", "authors", "position", "flow", "recommended")] + [("baseline_null", "anchored")])
+    "refined", "finetune", "concentration", "authors", "position", "flow", "recommended")] + [("baseline_null", "anchored"),
+                                                                                    ("warp", "anchored_warp")])
 def test_experiment_arms_differ_from_the_baseline_only_in_the_stability_loss(control, arm):
     """Same seed, data, model and steps in every arm: the comparison is only about the loss.
     `anchored` runs on the default model (null tokens), so its control is `baseline_null`."""
     _same_but_the_stability_loss(control, arm)
+
+
+def test_the_warp_control_differs_from_baseline_null_only_in_the_warp():
+    from dataclasses import asdict
+
+    null = asdict(load_config(files=["configs/experiments/baseline_null.yaml"]))
+    warp = asdict(load_config(files=["configs/experiments/warp.yaml"]))
+    assert (null["model"].pop("warp")["enabled"], warp["model"].pop("warp")["enabled"]) == (False, True)
+    for c in (null, warp):
+        c["train"].pop("output_dir"), c.pop("tracker")
+    assert null == warp
 
 
 def test_the_two_baselines_differ_only_in_the_null_tokens():

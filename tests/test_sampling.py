@@ -50,18 +50,21 @@ def hand_written_ddim(model, batch, d, steps: int, guidance: float, seed: int) -
                           prediction_type=d.prediction_type, clip_sample=False)
     sched = DDIMScheduler.from_config(train.config, timestep_spacing="trailing", clip_sample=False)
     gen = torch.Generator().manual_seed(seed)
-    cond, tokens = model.condition(batch), model.garment_tokens(batch["garment"])
+    cond, tokens, garment = model.condition(batch), model.garment_tokens(batch["garment"]), batch["garment"]
     b, _, h, w = cond.shape
+    drop = torch.zeros(b, dtype=torch.bool)  # the attention warp (on in the default) needs the garment
     if guidance != 1.0:
         cond, tokens = torch.cat([cond, cond]), torch.cat([model.null_garment_tokens(b), tokens])
+        garment, drop = torch.cat([garment, garment]), torch.cat([torch.ones_like(drop), drop])
     latents = torch.randn((b, model.latent_channels, h, w), generator=gen)
+    gate = model.warp_gate(cond, tokens, d.num_train_timesteps - 1)  # held for the whole run
     sched.set_timesteps(steps)
     latents = latents * sched.init_noise_sigma
     for t in sched.timesteps:
         x = sched.scale_model_input(latents, t)
         if guidance != 1.0:
             x = torch.cat([x, x])
-        pred = model(x, t.expand(x.shape[0]), cond, tokens=tokens)
+        pred = model(x, t.expand(x.shape[0]), cond, garment, drop, tokens=tokens, gate=gate)
         if guidance != 1.0:
             u, c = pred.chunk(2)
             pred = u + guidance * (c - u)

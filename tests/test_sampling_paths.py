@@ -15,7 +15,7 @@ from models.sampling import Sampler
 @pytest.fixture(scope="module")
 def cfg():
     return load_config(overrides=["model.unet.size=test", "model.garment.width=16", "data.num_val=3",
-                                  "diffusion.prediction_type=v_prediction"])
+                                  "diffusion.prediction_type=v_prediction", "model.warp.enabled=false"])
 
 
 @pytest.fixture(scope="module")

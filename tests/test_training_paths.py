@@ -166,7 +166,8 @@ def test_loss_target_and_weights_from_the_config(tmp_path, prediction, gamma):
     weights 1 without min-SNR, else min(SNR, γ)/SNR (epsilon), min(SNR, γ) (sample) or
     min(SNR, γ)/(SNR + 1) (v)."""
     cfg = load_config(overrides=tiny_overrides(tmp_path, **{**SMALL, "diffusion.prediction_type": prediction,
-                                                            "diffusion.snr_gamma": gamma}))
+                                                            "diffusion.snr_gamma": gamma,
+                                                            "model.warp.enabled": prediction == "sample"}))
     assert cfg.diffusion.snr_gamma == (None if gamma == "null" else gamma)  # YAML null reaches the schema
     trainer = Trainer(cfg)
     x0 = torch.randn(6, 12, 4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64).float()
@@ -196,14 +197,14 @@ def test_loss_target_and_weights_from_the_config(tmp_path, prediction, gamma):
 
 
 # -------------------------------------------------- gradient checkpointing with the monitor's moments
-def _one_step_grads(tmp_path: Path, checkpointing: bool) -> SimpleNamespace:
+def _one_step_grads(tmp_path: Path, checkpointing: bool, **extra) -> SimpleNamespace:
     """One training step's gradients (caught before the optimizer step), metrics, the monitor's
     last moments, and how often a monitored attention layer ran."""
     # colour: the anchored values ride in the checkpointed layers' own attention call, so the
     # backward's re-run must see the same anchors; sink: the grid mass of the null tokens.
     trainer = _trainer(tmp_path, **{"model.unet.gradient_checkpointing": checkpointing,
                                     "stability.dispersion": 0.5, "stability.atv": 0.5, "stability.colour": 0.5,
-                                    "optim.max_grad_norm": 1e9})
+                                    "optim.max_grad_norm": 1e9, **extra})
     unet, names = trainer.unwrapped.unet, trainer.unwrapped.trainable_parameters()
     layer = next(m for n, m in unet.named_modules() if n.endswith("attn2"))
     calls = []
@@ -245,3 +246,15 @@ def test_gradient_checkpointing_with_the_monitor_gives_the_same_gradients(tmp_pa
     for n, (mu, var) in plain.moments.items():
         torch.testing.assert_close(ckpt.moments[n][0], mu, rtol=0, atol=1e-5, msg=n)
         torch.testing.assert_close(ckpt.moments[n][1], var, rtol=0, atol=1e-5, msg=n)
+
+
+def test_gradient_checkpointing_with_the_attention_warp_gives_the_same_gradients(tmp_path):
+    # The warp's centres are read inside a checkpointed block by a hook and used after the UNet: with a
+    # re-entrant checkpoint they would carry no gradient and the warp would silently stop training the layer.
+    warp = {"model.warp.enabled": True, "diffusion.prediction_type": "sample"}
+    plain = _one_step_grads(tmp_path / "plain", False, **warp)
+    _reset_accelerate()
+    ckpt = _one_step_grads(tmp_path / "ckpt", True, **warp)
+    assert ckpt.calls == 2
+    for i, (a, b) in enumerate(zip(plain.grads, ckpt.grads)):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5, msg=f"gradient {i}")
