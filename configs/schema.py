@@ -74,8 +74,8 @@ class GarmentEncoderConfig:
 @dataclass
 class WarpConfig:
     """The attention warp (models/warp.py): the garment resampled at one cross-attention layer's
-    attention centres, blended into the x0 prediction through a gate channel the UNet learns.
-    Needs diffusion.prediction_type=sample."""
+    attention centres, blended into the x0 prediction through gates the UNet predicts, one per
+    latent channel. Needs diffusion.prediction_type=sample."""
 
     enabled: bool = False
     layer: Optional[str] = None  # module path of a cross-attention layer; None = the UNet's last

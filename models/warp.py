@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from i2am._grid import query_grid
 from i2am.dispersion import attention_moments
 from i2am.processor import query_key
 
@@ -93,17 +94,11 @@ def warp_garment(codec: LatentCodec, garment: torch.Tensor, mu: torch.Tensor,
 
 
 def _on_grid(x: torch.Tensor, latent_grid: tuple[int, int]) -> torch.Tensor:
-    """(B, N_q, C) per query -> (B, C, h, w) on the layer's query grid: the latent grid
-    downsampled by a power of two to N_q cells."""
+    """(B, N_q, C) per query -> (B, C, h, w) on the layer's query grid (the latent grid as the
+    UNet ceil-halves it, the monitor's `query_grid`)."""
     b, n, c = x.shape
-    lh, lw = latent_grid
-    f = 1
-    while lh // f * (lw // f) > n and f < max(lh, lw):
-        f *= 2
-    if (lh // f) * (lw // f) != n:
-        raise ValueError(f"warp: {n} queries do not form a grid of the latent {tuple(latent_grid)} downsampled "
-                         "by a power of two")
-    return x.transpose(1, 2).reshape(b, c, lh // f, lw // f)
+    h, w = query_grid(n, tuple(latent_grid), "model.warp.layer")
+    return x.transpose(1, 2).reshape(b, c, h, w)
 
 
 class AttentionWarp(nn.Module):
